@@ -1,0 +1,100 @@
+"""Pictures in and out: opening files, masks, the latent mask M_l, padding, paste-back.
+
+Conventions (CONVENTIONS.md): any image mode becomes RGB in [-1, 1]; a mask pixel is a hole
+(to be painted) where its grey value is >= 128; EXIF orientation is applied to both files.
+"""
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import InputError
+
+MIN_SIDE = 8  # one latent pixel
+
+
+def open_image(path, what="image"):
+    """Open and fully decode an image file, upright (EXIF orientation applied)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return ImageOps.exif_transpose(im)
+    except FileNotFoundError:
+        raise InputError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise InputError(f"{what} {path} is a folder, not an image file") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{what} {path}: not an image file Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"{what} {path}: damaged or truncated image ({e})") from None
+
+
+def eight_bit(im):
+    """16- and 32-bit integer greys scaled to 8 bits (Pillow's own conversion would clip them)."""
+    if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        return Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    return im
+
+
+def prepare(image, mask, invert_mask=False):
+    """The RGB image and its binary mask (255 = hole), checked. A mask pixel is a hole where its
+    grey value is >= 128, transparent pixels counting as black; `invert_mask` swaps that."""
+    image, mask = eight_bit(image).convert("RGB"), eight_bit(mask)
+    grey, alpha = mask.convert("LA").split()  # a transparent mask pixel is known, whatever its colour
+    mask = Image.fromarray((np.asarray(grey, np.uint16) * np.asarray(alpha) // 255).astype(np.uint8))
+    if mask.size != image.size:
+        raise InputError(f"mask is {mask.size[0]}x{mask.size[1]} but image is {image.size[0]}x{image.size[1]}: "
+                         f"they must be the same size")
+    if min(image.size) < MIN_SIDE:
+        raise InputError(f"image is {image.size[0]}x{image.size[1]}: each side must be at least {MIN_SIDE} pixels")
+    hole = np.asarray(mask) >= 128
+    if invert_mask:
+        hole = ~hole
+    if not hole.any():
+        raise InputError("the mask marks no pixel to paint: white (>= 128) marks the hole"
+                         + ("" if invert_mask else "; use --invert-mask if black marks it in yours"))
+    return image, Image.fromarray(hole.astype(np.uint8) * 255)
+    return image, mask
+
+
+def to_tensor(image):
+    """PIL RGB -> (1, 3, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+
+
+def to_hole(mask):
+    """PIL L -> (1, 1, H, W) float32, 1 where the pixel is a hole (value >= 128)."""
+    return torch.from_numpy(np.array(mask) >= 128).float()[None, None]
+
+
+def to_pil(x):
+    """(1, 3, H, W) in [-1, 1] -> PIL RGB: clamp, round((x + 1) * 127.5)."""
+    x = ((x[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(x.permute(1, 2, 0).cpu().numpy())
+
+
+def pad_to_8(x, hole):
+    """Pad right and bottom to multiples of 8: the image by reflection, the mask with 0 (known)."""
+    ph, pw = -x.shape[-2] % 8, -x.shape[-1] % 8
+    return F.pad(x, (0, pw, 0, ph), mode="reflect"), F.pad(hole, (0, pw, 0, ph))
+
+
+def latent_known_mask(hole, dilate):
+    """M_l: the hole sampled at pixel (8i, 8j), grown by `dilate` latent pixels; 1 = known."""
+    hole_l = F.interpolate(hole, (hole.shape[-2] // 8, hole.shape[-1] // 8), mode="nearest")
+    hole_l = F.max_pool2d(hole_l, 2 * dilate + 1, stride=1, padding=dilate)
+    return 1 - hole_l
+
+
+def paste_back(result, x, hole, feather=0):
+    """The original pixels over `result` wherever they are known. With feather > 0, the blend
+    ramps from the result to the original over `feather` pixels on the known side of the edge."""
+    weight = hole  # 1 = take the result
+    if feather > 0:
+        # Distance (in pixels, chessboard metric) from each known pixel to the nearest hole,
+        # by growing the hole one pixel at a time, up to `feather` pixels.
+        grown, weight = hole, hole.clone()
+        for d in range(1, feather + 1):
+            grown = F.max_pool2d(grown, 3, stride=1, padding=1)
+            weight = torch.maximum(weight, grown * (1 - d / (feather + 1)))
+    return weight * result + (1 - weight) * x

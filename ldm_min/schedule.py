@@ -1,0 +1,38 @@
+"""The DDIM noise schedule: abar_t, the T sampling timesteps, sigma_t(eta).
+
+Constants come from the checkpoint's `scheduler/scheduler_config.json` (v1.4: beta from
+0.00085 to 0.012, "scaled_linear", 1000 training steps, steps_offset 1, set_alpha_to_one false).
+"""
+import torch
+
+from .errors import WeightsError
+
+
+class Schedule:
+    def __init__(self, cfg):
+        if cfg.get("beta_schedule", "scaled_linear") != "scaled_linear" or cfg.get("trained_betas"):
+            raise WeightsError(f"scheduler config: only the 'scaled_linear' beta schedule of Stable Diffusion v1 "
+                               f"is supported, found {cfg.get('beta_schedule')!r}")
+        self.num_train_timesteps = cfg.get("num_train_timesteps", 1000)
+        self.steps_offset = cfg.get("steps_offset", 1)
+        # "scaled_linear": beta is linear in sqrt, between the config's beta_start and beta_end.
+        betas = torch.linspace(cfg.get("beta_start", 0.00085) ** 0.5, cfg.get("beta_end", 0.012) ** 0.5,
+                               self.num_train_timesteps, dtype=torch.float32) ** 2
+        self.abar = torch.cumprod(1 - betas, dim=0)  # abar_t = prod_{s<=t} (1 - beta_s), eq. 1
+        # abar_{t-1} for the last step, whose previous timestep is below 0.
+        self.abar_final = torch.tensor(1.0) if cfg.get("set_alpha_to_one", False) else self.abar[0]
+
+    def timesteps(self, T):
+        """The T timesteps of a DDIM run, in sampling order: (T-1)r + offset, ..., r + offset, offset."""
+        r = self.num_train_timesteps // T
+        return [i * r + self.steps_offset for i in reversed(range(T))]
+
+    def abar_prev(self, t, T):
+        """abar at the timestep that follows t in a T-step run (abar_{t-1} in the paper's notation)."""
+        prev = t - self.num_train_timesteps // T
+        return self.abar[prev] if prev >= 0 else self.abar_final
+
+    @staticmethod
+    def sigma(eta, abar_t, abar_prev):
+        """sigma_t(eta) of eq. 2 in the standard DDIM form (the printed last factor is a typo)."""
+        return eta * ((1 - abar_prev) / (1 - abar_t)).sqrt() * (1 - abar_t / abar_prev).sqrt()
