@@ -48,7 +48,7 @@ def hub_patterns(dtype, variant):
 
 def resolve(weights, dtype):
     """A local folder in the official layout for `weights` (a folder or a hub repo id)."""
-    weights = weights or os.environ.get("LDM_MIN_WEIGHTS") or DEFAULT_REPO
+    weights = str(weights or os.environ.get("LDM_MIN_WEIGHTS") or DEFAULT_REPO)
     path = Path(weights).expanduser()
     if path.is_dir():
         return path

@@ -1,0 +1,143 @@
+"""Inpaint the white area of MASK in IMAGE with Stable Diffusion v1.4 (Kakinuma et al., Algorithm 1).
+
+    python inpaint.py photo.png mask.png                       # writes photo_inpainted.png
+    python inpaint.py photo.png mask.png --prompt "a red boat" -o boat.png
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from PIL import Image
+
+
+def fail(message, status=2):
+    print(message, file=sys.stderr)
+    sys.exit(status)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        fail(f"error: {message} (see --help)")
+
+
+def parse_args(argv):
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("image", help="the picture to complete (any format Pillow reads)")
+    p.add_argument("mask", help="same size as IMAGE; white (>= 128) marks the pixels to paint")
+    p.add_argument("-o", "--output", help="output file (default: <image stem>_inpainted.png here)")
+    p.add_argument("--prompt", default="", help="text to steer the fill (default: none, as in the paper)")
+    p.add_argument("--steps", type=int, default=30, help="DDIM steps T (default 30)")
+    p.add_argument("--eta", type=float, default=0.85, help="DDIM eta: 0 deterministic, 1 DDPM (default 0.85)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale, with --prompt")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--mask-dilate", type=int, default=2, help="grow the latent hole by this many latent pixels")
+    p.add_argument("--invert-mask", action="store_true", help="black marks the pixels to paint")
+    p.add_argument("--paste-back", action="store_true", help="put the original known pixels back over the result")
+    p.add_argument("--feather", type=int, default=0, help="with --paste-back: blend over this many pixels")
+    p.add_argument("--weights", help="local folder or hub repo id (default: $LDM_MIN_WEIGHTS, "
+                                     "else CompVis/stable-diffusion-v1-4)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: cuda when available)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 "
+                                                   "(auto: float16 on cuda, float32 on cpu)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off on CUDA)")
+    p.add_argument("--quiet", action="store_true", help="print errors only")
+    return p.parse_args(argv)
+
+
+def output_path(args):
+    """The output file, checked before any work: never an input, in an existing folder, a known format."""
+    from ldm_min import InputError
+
+    out = Path(args.output) if args.output else Path(Path(args.image).stem + "_inpainted.png")
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise InputError(f"output {out}: unknown image format {out.suffix!r} (use .png)")
+    if not out.parent.is_dir():
+        raise InputError(f"output folder {out.parent} does not exist")
+    if any(out.exists() and Path(p).exists() and out.samefile(p) for p in (args.image, args.mask)):
+        raise InputError(f"output {out} is an input file: refusing to overwrite it (use -o)")
+    return out
+
+
+def save_atomically(image, out):
+    """Write to a temporary file beside `out`, then rename: an interrupted run leaves no partial file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format=Image.registered_extensions()[out.suffix.lower()])
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def progress(steps, quiet):
+    """A callback for sample(): a one-line progress bar on stderr."""
+    start = time.perf_counter()
+
+    def show(i, *_):
+        if quiet:
+            return
+        done = i + 1
+        per_step = (time.perf_counter() - start) / done
+        bar = "#" * (20 * done // steps)
+        end = "\n" if done == steps else ""
+        print(f"\rstep {done}/{steps} [{bar:<20}] {per_step:.2f} s/step", end=end, file=sys.stderr, flush=True)
+
+    return show
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+
+    from ldm_min import images, inpaint
+    from ldm_min.models import pick_device
+    from ldm_min.sample import check_options
+    from weights import load_models
+
+    if args.quiet:
+        warnings.simplefilter("ignore")
+    warnings.formatwarning = lambda message, *_: f"warning: {message}\n"
+    start = time.perf_counter()
+    check_options(args.steps, args.eta, args.mask_dilate, args.feather)
+    device, dtype = pick_device(args.device, args.dtype)
+    out = output_path(args)
+    image, mask = images.prepare(images.open_image(args.image), images.open_image(args.mask, "mask"),
+                                 args.invert_mask)
+    models = load_models(args.weights, args.device, args.dtype)
+    if args.compile:
+        models.unet = torch.compile(models.unet)
+    result = inpaint(image, mask, models, prompt=args.prompt, guidance=args.guidance, steps=args.steps,
+                     eta=args.eta, seed=args.seed, dilate=args.mask_dilate, paste_back=args.paste_back,
+                     feather=args.feather, callback=progress(args.steps, args.quiet))
+    save_atomically(result, out)
+    if not args.quiet:
+        print(f"seed {args.seed}, {args.steps} steps, eta {args.eta}, {device.type} {str(dtype).removeprefix('torch.')}, "
+              f"{time.perf_counter() - start:.1f} s -> {out}", file=sys.stderr)
+
+
+def run(argv=None):
+    """main() with every expected failure as one line on stderr and exit status 2."""
+    from ldm_min import LdmMinError
+
+    import torch
+
+    try:
+        main(argv)
+    except LdmMinError as e:
+        fail(f"error: {e}")
+    except KeyboardInterrupt:
+        fail("interrupted: nothing was written", 130)
+    except (MemoryError, torch.OutOfMemoryError):
+        fail("error: out of memory: try a smaller image, --dtype bfloat16, or a GPU")
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,65 @@
+"""The tiny checkpoint reproduces tests/golden/expected.safetensors (tolerances of its README)."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import GOLDEN
+from ldm_min import images, inpaint
+
+
+def close(found, expected, rel=1e-4):
+    """Within `rel` of the expected tensor's largest magnitude."""
+    return (found - expected).abs().max().item() <= rel * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("name, prompt", [("cat", "a photo of a cat"), ("empty", "")])
+def test_text_encoder_matches_golden(tiny, expected, name, prompt):
+    ids = tiny.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert ids.flatten().tolist() == expected[f"text.{name}.input_ids"].flatten().tolist()
+    hidden = tiny.encode_text(prompt)
+    assert close(hidden.reshape(expected[f"text.{name}.last_hidden_state"].shape),
+                 expected[f"text.{name}.last_hidden_state"])
+
+
+@pytest.mark.parametrize("t", [1, 500, 958])
+def test_unet_matches_golden(tiny, expected, t):
+    with torch.no_grad():
+        eps = tiny.unet(expected["unet.in.z"], t, expected["unet.in.context"])
+    assert close(eps, expected[f"unet.out.eps.t{t}"])
+
+
+def test_vae_encoder_gives_the_golden_scaled_posterior_mean(tiny, expected):
+    with torch.no_grad():
+        assert close(tiny.vae.encode(expected["vae.in.x"]), expected["vae.out.encode_mean_scaled"])
+
+
+def test_vae_decoder_matches_golden(tiny, expected):
+    with torch.no_grad():
+        assert close(tiny.vae.decode(expected["vae.in.z_scaled"]), expected["vae.out.decode"])
+
+
+def test_image_loads_as_the_golden_tensor(expected):
+    x = images.to_tensor(images.open_image(GOLDEN / "astronaut128.png").convert("RGB"))
+    assert torch.equal(x, expected["vae.in.x"])
+
+
+@pytest.mark.parametrize("dilate", [2, 0])
+def test_latent_mask_matches_golden(expected, dilate):
+    image = images.open_image(GOLDEN / "astronaut128.png")
+    _, mask = images.prepare(image, images.open_image(GOLDEN / "astronaut128_mask.png"))
+    hole = images.to_hole(mask)
+    assert torch.equal(hole, expected["mask.in.hole"])
+    assert torch.equal(images.latent_known_mask(hole, dilate), expected[f"mask.out.latent_known_dilate{dilate}"])
+
+
+@pytest.mark.parametrize("run", ["run_a", "run_b", "run_c"])
+def test_inpaint_reproduces_golden_run(tiny, expected, runs, run):
+    r = runs[run]
+    latents = []
+    result = inpaint(images.open_image(GOLDEN / r["image"]), images.open_image(GOLDEN / r["mask"]), tiny,
+                     prompt=r["prompt"], guidance=r["guidance"], steps=r["steps"], eta=r["eta"], seed=r["seed"],
+                     dilate=r["dilate"], callback=lambda i, t, z, *_: latents.append(z[0]))
+    assert (torch.stack(latents) - expected[f"{run}.latents"]).abs().max() <= 1e-3
+    image = np.asarray(result, dtype=np.int16)
+    assert image.shape == tuple(expected[f"{run}.image_uint8"].shape)
+    assert np.abs(image - expected[f"{run}.image_uint8"].numpy()).max() <= 1
