@@ -23,6 +23,8 @@ def open_image(path, what="image"):
         raise InputError(f"{what} not found: {path}") from None
     except IsADirectoryError:
         raise InputError(f"{what} {path} is a folder, not an image file") from None
+    except Image.DecompressionBombError:
+        raise InputError(f"{what} {path}: too many pixels to be a photo (Pillow's decompression-bomb limit)") from None
     except UnidentifiedImageError:
         raise InputError(f"{what} {path}: not an image file Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -54,7 +56,6 @@ def prepare(image, mask, invert_mask=False):
         raise InputError("the mask marks no pixel to paint: white (>= 128) marks the hole"
                          + ("" if invert_mask else "; use --invert-mask if black marks it in yours"))
     return image, Image.fromarray(hole.astype(np.uint8) * 255)
-    return image, mask
 
 
 def to_tensor(image):

@@ -75,6 +75,7 @@ def inpaint(image, mask, models, *, prompt="", guidance=7.5, steps=30, eta=0.85,
     x = images.to_tensor(image).to(models.device)                     # (1, 3, H, W) in [-1, 1]
     hole = images.to_hole(mask).to(models.device)                     # (1, 1, H, W), 1 = paint here
     x8, hole8 = images.pad_to_8(x, hole)
+    models.check_memory(*x8.shape[-2:])
     y = x8 * (1 - hole8)                                              # y = M_p * x: holes at 0, mid-grey
     Ey = models.vae.encode(y.to(models.dtype)).float()                # E(y), computed once
     M_l = images.latent_known_mask(hole8, dilate)

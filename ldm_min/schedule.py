@@ -23,9 +23,11 @@ class Schedule:
         self.abar_final = torch.tensor(1.0) if cfg.get("set_alpha_to_one", False) else self.abar[0]
 
     def timesteps(self, T):
-        """The T timesteps of a DDIM run, in sampling order: (T-1)r + offset, ..., r + offset, offset."""
+        """The T timesteps of a DDIM run, in sampling order: (T-1)r + offset, ..., r + offset, offset.
+        At T = 1000 the offset would push the first one past the last trained timestep; it is 0 there."""
         r = self.num_train_timesteps // T
-        return [i * r + self.steps_offset for i in reversed(range(T))]
+        offset = min(self.steps_offset, self.num_train_timesteps - 1 - (T - 1) * r)
+        return [i * r + offset for i in reversed(range(T))]
 
     def abar_prev(self, t, T):
         """abar at the timestep that follows t in a T-step run (abar_{t-1} in the paper's notation)."""

@@ -22,6 +22,11 @@ def test_thirty_timesteps_are_958_925_down_to_1():
     assert SCHEDULE.timesteps(30) == list(range(958, 0, -33))
 
 
+def test_every_timestep_stays_in_the_trained_range():
+    assert SCHEDULE.timesteps(1000) == list(range(999, -1, -1))
+    assert max(SCHEDULE.timesteps(999)) == 999 and min(SCHEDULE.timesteps(999)) == 1
+
+
 def test_abar_at_t1_is_the_product_of_the_first_two_alphas():
     assert SCHEDULE.abar[1].item() == pytest.approx((1 - beta(0)) * (1 - beta(1)), rel=1e-6)
 

@@ -1,0 +1,180 @@
+"""inpaint.py end to end on the tiny checkpoint: outputs, options, and one-line errors for bad input."""
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import inpaint
+from conftest import GOLDEN, ROOT, TINY
+
+IMAGE, MASK = GOLDEN / "astronaut128.png", GOLDEN / "astronaut128_mask.png"
+
+
+def cli(capsys, *args, weights=TINY):
+    """Run inpaint.py in this process; returns (exit status, stderr)."""
+    try:
+        inpaint.run(["--weights", str(weights), "--steps", "3", *map(str, args)])
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    return status, capsys.readouterr().err
+
+
+def pixels(path):
+    return np.asarray(Image.open(path), dtype=np.int16)
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+def test_default_output_is_image_stem_inpainted_png_here(capsys, tmp_path):
+    status, err = cli(capsys, IMAGE, MASK)
+    assert status == 0, err
+    assert Image.open(tmp_path / "astronaut128_inpainted.png").size == (128, 128)
+    assert "seed 0, 3 steps, eta 0.85, cpu float32" in err and "astronaut128_inpainted.png" in err
+
+
+def test_quiet_prints_nothing(capsys):
+    assert cli(capsys, IMAGE, MASK, "--quiet") == (0, "")
+
+
+def test_same_seed_gives_the_same_bytes(capsys):
+    cli(capsys, IMAGE, MASK, "-o", "a.png", "--seed", "5")
+    cli(capsys, IMAGE, MASK, "-o", "b.png", "--seed", "5")
+    assert open("a.png", "rb").read() == open("b.png", "rb").read()
+
+
+def test_another_seed_gives_another_picture(capsys):
+    cli(capsys, IMAGE, MASK, "-o", "a.png", "--seed", "5")
+    cli(capsys, IMAGE, MASK, "-o", "b.png", "--seed", "6")
+    assert np.abs(pixels("a.png") - pixels("b.png")).max() > 10
+
+
+def test_invert_mask_is_the_same_as_an_inverted_mask_file(capsys):
+    Image.fromarray(255 - np.asarray(Image.open(MASK).convert("L"))).save("inverted.png")
+    cli(capsys, IMAGE, "inverted.png", "--invert-mask", "-o", "a.png")
+    cli(capsys, IMAGE, MASK, "-o", "b.png")
+    assert open("a.png", "rb").read() == open("b.png", "rb").read()
+
+
+@pytest.mark.parametrize("feather", [0, 3])
+def test_paste_back_keeps_the_original_pixels_away_from_the_hole(capsys, feather):
+    cli(capsys, IMAGE, MASK, "-o", "plain.png")
+    cli(capsys, IMAGE, MASK, "-o", "pasted.png", "--paste-back", "--feather", feather)
+    hole = np.asarray(Image.open(MASK).convert("L")) >= 128
+    near = hole.copy()  # within `feather` pixels (chessboard distance) of the hole
+    for _ in range(feather):
+        grown = np.pad(near, 1)
+        near = np.max([grown[i:i + 128, j:j + 128] for i in range(3) for j in range(3)], axis=0)
+    original, pasted, plain = pixels(IMAGE.as_posix()), pixels("pasted.png"), pixels("plain.png")
+    assert np.array_equal(pasted[~near], original[~near])
+    assert np.array_equal(pasted[hole], plain[hole])
+    assert not np.array_equal(plain[~near], original[~near])  # without it, the VAE changes known pixels
+
+
+def test_odd_image_size_comes_back_at_its_size(capsys):
+    Image.open(IMAGE).resize((100, 76)).save("odd.png")
+    Image.open(MASK).resize((100, 76)).save("odd_mask.png")
+    assert cli(capsys, "odd.png", "odd_mask.png")[0] == 0
+    assert Image.open("odd_inpainted.png").size == (100, 76)
+
+
+def test_whole_image_hole_is_allowed(capsys):
+    Image.new("L", (128, 128), 255).save("all.png")
+    assert cli(capsys, IMAGE, "all.png", "-o", "out.png")[0] == 0
+    assert Image.open("out.png").size == (128, 128)
+
+
+def write(name, make):
+    make(name)
+    return name
+
+
+BAD = {
+    "missing image": (lambda: ["nope.png", MASK], r"image not found: nope.png"),
+    "missing mask": (lambda: [IMAGE, "nope.png"], r"mask not found: nope.png"),
+    "not an image": (lambda: [write("a.png", lambda n: open(n, "w").write("hello")), MASK], r"a.png: not an image"),
+    "truncated image": (lambda: [write("t.png", lambda n: open(n, "wb").write(IMAGE.read_bytes()[:3000])), MASK],
+                        r"t.png: damaged or truncated"),
+    "mask size differs": (lambda: [IMAGE, write("m.png", lambda n: Image.new("L", (64, 32), 255).save(n))],
+                          r"mask is 64x32 but image is 128x128"),
+    "mask without hole": (lambda: [IMAGE, write("m.png", lambda n: Image.new("L", (128, 128), 127).save(n))],
+                          r"no pixel to paint: white .* --invert-mask"),
+    "tiny image": (lambda: [write("s.png", lambda n: Image.new("RGB", (7, 20)).save(n)),
+                            write("m.png", lambda n: Image.new("L", (7, 20), 255).save(n))], r"at least 8 pixels"),
+    "steps 0": (lambda: [IMAGE, MASK, "--steps", "0"], r"steps must be between 1 and 1000"),
+    "steps 1001": (lambda: [IMAGE, MASK, "--steps", "1001"], r"steps must be between 1 and 1000"),
+    "negative eta": (lambda: [IMAGE, MASK, "--eta", "-0.5"], r"eta must be >= 0"),
+    "negative dilation": (lambda: [IMAGE, MASK, "--mask-dilate", "-1"], r"dilation must be >= 0"),
+    "negative feather": (lambda: [IMAGE, MASK, "--paste-back", "--feather", "-2"], r"feather must be >= 0"),
+    "unknown device": (lambda: [IMAGE, MASK, "--device", "tpu"], r"unknown device 'tpu'"),
+    "unknown dtype": (lambda: [IMAGE, MASK, "--dtype", "int8"], r"unknown dtype 'int8'"),
+    "float16 on cpu": (lambda: [IMAGE, MASK, "--device", "cpu", "--dtype", "float16"], r"bfloat16"),
+    "output is input": (lambda: [IMAGE, MASK, "-o", IMAGE], r"is an input file: refusing to overwrite"),
+    "missing output folder": (lambda: [IMAGE, MASK, "-o", "no/such/dir/out.png"], r"output folder no/such/dir"),
+    "unknown output format": (lambda: [IMAGE, MASK, "-o", "out.xyz"], r"unknown image format '.xyz'"),
+    "missing weights": (lambda: [IMAGE, MASK, "--weights", "./no-weights"], r"no such folder"),
+}
+if not __import__("torch").cuda.is_available():
+    BAD["cuda without gpu"] = (lambda: [IMAGE, MASK, "--device", "cuda"], r"no CUDA GPU")
+
+
+def digest(folder):
+    """Every file under folder and its contents' hash."""
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, case):
+    make_args, message = BAD[case]
+    args = make_args()
+    before, golden = digest(tmp_path), digest(GOLDEN)
+    status, err = cli(capsys, *args)
+    assert status == 2
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert __import__("re").search(message, err), err
+    assert digest(tmp_path) == before and digest(GOLDEN) == golden  # no output, no input changed
+
+
+def test_pickle_only_weights_are_refused_by_the_cli(capsys, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(TINY, tmp_path / "w")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").rename(folder / "unet" / "diffusion_pytorch_model.bin")
+    status, err = cli(capsys, IMAGE, MASK, weights=folder)
+    assert status == 2 and "safetensors" in err and not (tmp_path / "astronaut128_inpainted.png").exists()
+
+
+def test_too_large_image_is_refused_before_sampling(capsys, monkeypatch):
+    import ldm_min.models
+
+    monkeypatch.setattr(ldm_min.models, "available_memory", lambda device: 2**20)
+    status, err = cli(capsys, IMAGE, MASK)
+    assert status == 2 and "GiB of memory" in err and "make the image smaller" in err
+
+
+def test_ctrl_c_exits_cleanly_and_leaves_no_file(tmp_path):
+    args = [sys.executable, str(ROOT / "inpaint.py"), str(IMAGE), str(MASK), "--weights", str(TINY), "--steps", "1000"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "step 2/" not in seen:  # wait until sampling runs
+        seen += proc.stderr.read(1)
+        assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130
+    assert "Traceback" not in err and err.strip().endswith("interrupted: nothing was written")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_real_process_reports_errors_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "inpaint.py"), "missing.png", str(MASK)], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr == "error: image not found: missing.png\n"

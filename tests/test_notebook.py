@@ -1,0 +1,113 @@
+"""notebooks/algorithm1.ipynb: every code cell runs, in order, on the tiny checkpoint, and draws
+pictures of the expected sizes; its prose cites equations (1)-(6) and lines 1-8 of Algorithm 1;
+it is committed with its outputs cleared. No Jupyter needed: the .ipynb is plain JSON."""
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK = ROOT / "notebooks" / "algorithm1.ipynb"
+TINY = ROOT / "tests" / "golden" / "tiny-sd"
+
+
+def cells(kind):
+    notebook = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
+    return ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == kind]
+
+
+def run_cells(sources, cwd, monkeypatch, settings=None):
+    """Execute the sources in order in one namespace, as a kernel would, from `cwd`; `settings`
+    overrides values of the notebook's first code cell (its settings) right after it runs."""
+    monkeypatch.setenv("LDM_MIN_WEIGHTS", str(TINY))
+    monkeypatch.chdir(cwd)
+    namespace = {"__name__": "__main__", "display": lambda *objects: None}
+    for n, source in enumerate(sources):
+        exec(compile(source, f"{NOTEBOOK.name}[code cell {n}]", "exec"), namespace)
+        if n == 0:
+            assert settings is None or settings.keys() <= namespace.keys(), "unknown setting"
+            namespace.update(settings or {})
+    return namespace
+
+
+def sheet_size(ns, cols, rows, panel):
+    """The size of a sheet made by the notebook's tile(): `rows` x `cols` panels of size `panel`."""
+    gap, label = ns["GAP"], ns["LABEL_H"]
+    return gap + cols * (panel[0] + gap), gap + rows * (label + panel[1] + gap)
+
+
+@pytest.fixture(scope="module")
+def ns():
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        # 5 steps instead of the paper's 30, to stay fast on a busy CPU: fewer than SHOW_STEPS (6),
+        # so the step strip has one column per step.
+        return run_cells(cells("code"), ROOT, monkeypatch, settings={"STEPS": 5})
+
+
+def test_runs_and_draws_expected_sizes(ns):
+    from PIL import Image
+
+    w, h = Image.open(ROOT / ns["IMAGE"]).size
+    assert (w, h) == (128, 128) and ns["RESIZE_TO"] is None  # the default photo
+    zoom, mask_zoom = ns["ZOOM"], ns["MASK_ZOOM"]
+    assert (zoom, mask_zoom) == (2, 4)
+    panel = (w * zoom, h * zoom)
+    steps, shown = ns["STEPS"], min(ns["SHOW_STEPS"], ns["STEPS"])
+    expected = {
+        "input": sheet_size(ns, 3, 1, panel),
+        "forward": sheet_size(ns, len(ns["forward_ts"]), 2, panel),
+        "eq3": sheet_size(ns, 3, 1, panel),
+        "eq4": sheet_size(ns, 3, 1, panel),
+        "masks": sheet_size(ns, 3, 1, (w * mask_zoom, h * mask_zoom)),  # 128 is a multiple of 8: no padding
+        "Ey": sheet_size(ns, 3 + 4, 1, panel),  # y, D(E(y)), D(M_l E(y)), 4 latent channels
+        "steps": sheet_size(ns, shown, 2, panel),
+        "result": sheet_size(ns, 5, 1, panel),
+    }
+    figures = ns["figures"]
+    assert set(figures) == set(expected)
+    for name, size in expected.items():
+        assert isinstance(figures[name], Image.Image) and figures[name].mode == "RGB", name
+        assert figures[name].size == size, name
+
+    # The run itself: one callback per step, the latent shapes of a 128x128 photo, and inpaint()
+    # reproducing the step-by-step result exactly on the CPU.
+    assert len(ns["trace"]) == steps == 5 and shown == 5
+    assert [t for _, t, _, _ in ns["trace"]] == ns["schedule"].timesteps(steps)
+    assert tuple(ns["trace"][0][2].shape) == (1, 4, h // 8, w // 8)
+    assert len(ns["shown"]) == shown and ns["shown"][0] == 0 and ns["shown"][-1] == steps - 1
+    assert tuple(ns["x0"].shape) == (1, 3, h, w)
+    assert ns["result"].size == ns["pasted"].size == (w, h)
+    assert ns["inpaint_diff"] == 0
+    assert ns["negative"] > 0  # the printed sigma_t makes a square root imaginary somewhere
+    # The dilation exists because of cut cells that count as known without it.
+    assert ((ns["cut"]) & (ns["M_l0"] > 0)).any() and not ((ns["cut"]) & (ns["M_l"] > 0)).any()
+
+
+def test_finds_the_repository_from_notebooks_folder(monkeypatch):
+    """In Jupyter the working folder is notebooks/: the setup cells must still find the repository."""
+    code = cells("code")
+    setup = next(n for n, source in enumerate(code) if "ROOT = " in source)
+    ns = run_cells(code[:setup + 1], ROOT / "notebooks", monkeypatch)
+    assert ns["ROOT"] == ROOT.resolve()
+
+
+def test_prose_cites_the_paper_and_outputs_are_cleared():
+    notebook = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
+    assert notebook["nbformat"] == 4
+    prose = "\n".join(cells("markdown"))
+    for n in range(1, 7):
+        assert re.search(rf"[Ee]quations? \({n}\)|[Ee]quations \(\d\) (and|to) \({n}\)", prose), f"equation ({n})"
+    for n in range(1, 9):
+        assert re.search(rf"\b[Ll]ines? {n}\b", prose), f"line {n} of Algorithm 1"
+    assert len(re.findall(r"[Tt]ypo of the printed paper", prose)) == 2  # abar's product, sigma_t's last factor
+    for c in notebook["cells"]:
+        assert isinstance(c["source"], (str, list))
+        if c["cell_type"] == "code":
+            assert c["execution_count"] is None and c["outputs"] == [], "outputs must be cleared"
+    try:
+        import nbformat
+    except ImportError:
+        return
+    nbformat.validate(nbformat.reads(NOTEBOOK.read_text(encoding="utf-8"), as_version=4))
