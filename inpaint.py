@@ -135,7 +135,7 @@ def run(argv=None):
         fail(f"error: {e}")
     except KeyboardInterrupt:
         fail("interrupted: nothing was written", 130)
-    except (MemoryError, torch.OutOfMemoryError):
+    except (MemoryError, torch.cuda.OutOfMemoryError):
         fail("error: out of memory: try a smaller image, --dtype bfloat16, or a GPU")
 
 

@@ -93,8 +93,7 @@ class Models:
         """The text encoder's last hidden state (after its final layer norm) for `prompt`,
         padded to 77 tokens with <|endoftext|> and truncated there: (1, 77, d)."""
         n = self.tokenizer.model_max_length
-        ids = self.tokenizer(prompt, padding="max_length", max_length=n, truncation=True,
-                             return_overflowing_tokens=False, return_tensors="pt").input_ids
-        if len(self.tokenizer(prompt).input_ids) > n:
+        ids = self.tokenizer(prompt, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+        if len(self.tokenizer(prompt, verbose=False).input_ids) > n:
             warnings.warn(f"the prompt is longer than {n} tokens; the text encoder reads only the first {n}")
         return self.text_encoder(ids.to(self.device)).last_hidden_state

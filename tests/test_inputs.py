@@ -1,0 +1,108 @@
+"""Awkward but valid pictures, and a fuzz test of the input loader."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from conftest import GOLDEN
+from ldm_min import InputError, NonFiniteError, images, inpaint
+
+HOLE = np.zeros((24, 40), bool)
+HOLE[8:16, 8:24] = True
+
+
+def saved(image, name, tmp_path, **kwargs):
+    path = tmp_path / name
+    image.save(path, **kwargs)
+    return images.open_image(path)
+
+
+def hole_of(mask):
+    return np.asarray(mask) == 255
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "LA", "1"])
+def test_any_image_mode_becomes_rgb(tmp_path, mode):
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    image = rgb.convert("L").convert(mode) if mode in ("I;16", "LA", "1") else rgb.convert(mode)
+    ext = "tiff" if mode == "CMYK" else "png"
+    mask = Image.fromarray(HOLE.astype(np.uint8) * 255)
+    image, mask = images.prepare(saved(image, f"x.{ext}", tmp_path), mask)
+    assert image.mode == "RGB" and image.size == (40, 24) and np.array_equal(hole_of(mask), HOLE)
+
+
+def test_16_bit_grey_is_scaled_not_clipped(tmp_path):
+    grey16 = Image.fromarray(np.full((24, 40), 32896, np.uint16))  # 32896 / 257 = 128
+    image, _ = images.prepare(saved(grey16, "g.png", tmp_path), Image.fromarray(HOLE.astype(np.uint8) * 255))
+    assert np.asarray(image)[0, 0].tolist() == [128, 128, 128]
+
+
+def test_antialiased_mask_is_binarised_at_128():
+    values = np.where(HOLE, 128, 127).astype(np.uint8)
+    _, mask = images.prepare(Image.new("RGB", (40, 24)), Image.fromarray(values))
+    assert np.array_equal(hole_of(mask), HOLE)
+
+
+def test_transparent_mask_pixels_are_known():
+    rgba = np.zeros((24, 40, 4), np.uint8)
+    rgba[..., :3] = 255  # white everywhere ...
+    rgba[..., 3] = np.where(HOLE, 255, 0)  # ... but opaque only in the hole
+    _, mask = images.prepare(Image.new("RGB", (40, 24)), Image.fromarray(rgba, "RGBA"))
+    assert np.array_equal(hole_of(mask), HOLE)
+
+
+def test_exif_rotation_turns_image_and_mask_alike(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    pixels = np.zeros((24, 40, 3), np.uint8)
+    pixels[HOLE] = 255  # the image is white exactly where the mask marks the hole
+    image = saved(Image.fromarray(pixels), "i.png", tmp_path, exif=exif)
+    mask = saved(Image.fromarray(HOLE.astype(np.uint8) * 255), "m.png", tmp_path, exif=exif)
+    image, mask = images.prepare(image, mask)
+    assert image.size == mask.size == (24, 40)  # upright: portrait
+    assert np.array_equal(np.asarray(image)[..., 0] == 255, hole_of(mask))
+
+
+def test_long_prompt_is_truncated_with_a_warning(tiny):
+    with pytest.warns(UserWarning, match="longer than 77 tokens"):
+        long, longer = tiny.encode_text("a cat " * 60), tiny.encode_text("a cat " * 60 + "and a dog")
+    assert torch.equal(long, longer)
+
+
+def test_non_finite_sampling_stops_with_a_hint(tiny, monkeypatch):
+    monkeypatch.setattr(tiny.vae, "decode", lambda z: torch.full((1, 3, 128, 128), float("inf")))
+    with pytest.raises(NonFiniteError, match="float32"):
+        inpaint(Image.open(GOLDEN / "astronaut128.png"), Image.open(GOLDEN / "astronaut128_mask.png"), tiny, steps=1)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=2048))
+def test_random_bytes_are_an_image_or_an_input_error(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("fuzz") / "x"
+    path.write_bytes(data)
+    try:
+        assert isinstance(images.open_image(path), Image.Image)
+    except InputError as e:
+        assert "\n" not in str(e)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 20), st.integers(1, 20), st.integers(1, 20), st.integers(1, 20),
+       st.sampled_from(["L", "RGB", "RGBA", "P", "I;16", "1"]), st.sampled_from(["L", "RGBA", "1", "P"]),
+       st.integers(0, 2**32 - 1), st.booleans())
+def test_random_small_pictures_prepare_or_raise_input_error(w, h, mw, mh, mode, mask_mode, seed, invert):
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).convert(mode)
+    mask = Image.fromarray(rng.integers(0, 256, (mh, mw), dtype=np.uint8)).convert(mask_mode)
+    try:
+        image, mask = images.prepare(image, mask, invert)
+    except InputError:
+        return
+    assert image.mode == "RGB" and image.size == mask.size and min(image.size) >= 8 and hole_of(mask).any()
+    x8, hole8 = images.pad_to_8(images.to_tensor(image), images.to_hole(mask))
+    assert x8.shape[-1] % 8 == 0 and x8.shape[-2] % 8 == 0 and x8.abs().max() <= 1
+    assert images.latent_known_mask(hole8, 2).shape[-2:] == (x8.shape[-2] // 8, x8.shape[-1] // 8)
