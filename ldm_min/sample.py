@@ -48,7 +48,7 @@ def sample(models, Ey, M_l, *, prompt="", guidance=7.5, steps=30, eta=0.85, seed
     noise = lambda: torch.randn(Ey.shape, generator=generator).to(Ey.device)
 
     z = noise()                                                                   # line 1: z_T ~ N(0, I)
-    for i, t in enumerate(schedule.timesteps(steps)):                             # line 2: t = T .. 1
+    for i, t in enumerate(schedule.timesteps(steps)):                             # line 2: for t = T .. 1 (to line 6)
         abar_t, abar_prev = schedule.abar[t], schedule.abar_prev(t, steps)
         eps = eps_theta(z, t)
         z0 = (z - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()                      # line 3, eq. 3

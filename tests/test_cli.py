@@ -41,6 +41,16 @@ def test_default_output_is_image_stem_inpainted_png_here(capsys, tmp_path):
     assert "seed 0, 3 steps, eta 0.85, cpu float32" in err and "astronaut128_inpainted.png" in err
 
 
+@pytest.mark.parametrize("run", ["run_a", "run_b", "run_c"])
+def test_cli_reproduces_golden_run(capsys, expected, runs, run):
+    r = runs[run]
+    status, err = cli(capsys, GOLDEN / r["image"], GOLDEN / r["mask"], "-o", "out.png", "--prompt", r["prompt"],
+                      "--guidance", r["guidance"], "--steps", r["steps"], "--eta", r["eta"], "--seed", r["seed"],
+                      "--mask-dilate", r["dilate"])
+    assert status == 0, err
+    assert np.abs(pixels("out.png") - expected[f"{run}.image_uint8"].numpy()).max() <= 1
+
+
 def test_quiet_prints_nothing(capsys):
     assert cli(capsys, IMAGE, MASK, "--quiet") == (0, "")
 
@@ -158,6 +168,17 @@ def test_too_large_image_is_refused_before_sampling(capsys, monkeypatch):
     monkeypatch.setattr(ldm_min.models, "available_memory", lambda device: 2**20)
     status, err = cli(capsys, IMAGE, MASK)
     assert status == 2 and "GiB of memory" in err and "make the image smaller" in err
+
+
+def test_a_crash_while_writing_leaves_no_file(capsys, tmp_path, monkeypatch):
+    def broken_save(self, fp, *args, **kwargs):
+        fp.write(b"half a picture")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        cli(capsys, IMAGE, MASK)
+    assert os.listdir(tmp_path) == []
 
 
 def test_ctrl_c_exits_cleanly_and_leaves_no_file(tmp_path):

@@ -163,18 +163,20 @@ def test_hub_download_asks_only_for_the_files_it_reads():
                       "text_encoder/model.fp16.safetensors"}
 
 
-def offline(tmp_path, code):
-    """Run python `code` in the repo with no network and an own huggingface cache."""
+def offline(tmp_path, *args):
+    """Run python with `args` in the repo with no network and an own huggingface cache."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
     env.pop("LDM_MIN_WEIGHTS", None)
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
 
 
 def test_hub_repo_without_network_or_cache_says_how_to_get_weights(tmp_path):
-    r = offline(tmp_path, "from weights import load_models; load_models(None, 'cpu', 'float32')")
-    message = r.stderr.strip().splitlines()[-1]
+    image, mask = TINY.parent / "astronaut128.png", TINY.parent / "astronaut128_mask.png"
+    r = offline(tmp_path, str(ROOT / "inpaint.py"), str(image), str(mask))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
     for needed in ("CompVis/stable-diffusion-v1-4", "licence", "HF_TOKEN", "--weights PATH"):
-        assert needed in message
+        assert needed in r.stderr
+    assert not (tmp_path / "astronaut128_inpainted.png").exists()
 
 
 def test_hub_repo_loads_offline_from_the_cache(tmp_path):
@@ -182,7 +184,7 @@ def test_hub_repo_loads_offline_from_the_cache(tmp_path):
     shutil.copytree(TINY, snapshot)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
-    r = offline(tmp_path, "from weights import load_models; print(load_models('someone/tiny-sd', 'cpu', "
-                          "'float32').unet.conv_in.out_channels)")
+    r = offline(tmp_path, "-c", "from weights import load_models; print(load_models('someone/tiny-sd', 'cpu', "
+                                "'float32').unet.conv_in.out_channels)")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "32"
