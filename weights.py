@@ -41,7 +41,7 @@ def variants(dtype):
     return [".fp16", ""] if dtype == torch.float16 else ["", ".fp16"]
 
 
-def hub_patterns(dtype, variant):
+def hub_patterns(variant):
     """The files to fetch from a hub repo: configs, tokenizer and each part's weights in one variant."""
     return CONFIG_FILES + [f"{part}/{stem}{variant}.safetensors" for part, stem in WEIGHT_STEMS.items()]
 
@@ -66,7 +66,7 @@ def download(repo, dtype):
 
     try:
         for variant in variants(dtype):
-            folder = Path(snapshot_download(repo, allow_patterns=hub_patterns(dtype, variant)))
+            folder = Path(snapshot_download(repo, allow_patterns=hub_patterns(variant)))
             if all(find_weights(folder, part, dtype, required=False) for part in WEIGHT_STEMS):
                 return folder
         return folder
@@ -112,17 +112,22 @@ def check_family(configs, folder):
 
 
 def read_state(path, part):
-    """The file's tensors under module names: memory-mapped, not yet copied."""
+    """The file's tensors under module names: memory-mapped, not yet copied. safetensors maps the
+    file once per open and a tensor keeps its mapping alive, so each tensor is read through an open
+    of its own: when load_into replaces it by its cast copy, its pages leave memory. A float32 file
+    loaded in bfloat16 then peaks at the cast weights plus one tensor, not plus the whole file."""
     try:
         with safe_open(path, framework="pt") as f:
-            state = {}
-            for name in f.keys():
-                new = name
-                for old, replacement in RENAMES.get(part, []):
-                    new = new.replace(old, replacement)
-                if new not in IGNORED.get(part, ()):
+            names = list(f.keys())
+        state = {}
+        for name in names:
+            new = name
+            for old, replacement in RENAMES.get(part, []):
+                new = new.replace(old, replacement)
+            if new not in IGNORED.get(part, ()):
+                with safe_open(path, framework="pt") as f:  # a mapping of its own, see above
                     state[new] = f.get_tensor(name)
-            return state
+        return state
     except Exception as e:  # safetensors reports a damaged file with several exception types
         raise WeightsError(f"{path}: not a valid safetensors file, truncated or corrupt ({e})") from None
 

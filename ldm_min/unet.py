@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Attention, Block, ResnetBlock, timestep_embedding
+from .layers import Attention, Block, Conv2d, ResnetBlock, timestep_embedding
 
 
 class GEGLU(nn.Module):
@@ -48,9 +48,9 @@ class SpatialTransformer(nn.Module):
     def __init__(self, channels, heads, context_dim, groups):
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)  # eps of the official model code
-        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.proj_in = Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, heads, context_dim)])
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, x, context):
         b, c, h, w = x.shape
