@@ -119,7 +119,8 @@ def main(argv=None):
                      feather=args.feather, callback=progress(args.steps, args.quiet))
     save_atomically(result, out)
     if not args.quiet:
-        print(f"seed {args.seed}, {args.steps} steps, eta {args.eta}, {device.type} {str(dtype).removeprefix('torch.')}, "
+        dtype_name = str(dtype).removeprefix("torch.")
+        print(f"seed {args.seed}, {args.steps} steps, eta {args.eta}, {device.type} {dtype_name}, "
               f"{time.perf_counter() - start:.1f} s -> {out}", file=sys.stderr)
 
 

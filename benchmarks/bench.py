@@ -261,8 +261,8 @@ def main(argv=None):
     print(f"{args.size}x{args.size}, {device.type} {args.dtype}, {args.steps} steps, UNet batch {1 + guided}"
           f"{', compiled' if args.compile else ''}, {torch.get_num_threads()} threads")
     if device.type == "cpu":
-        print(f"CPU share during the run: {cpu_share:.0%} of {torch.get_num_threads()} threads "
-              f"(well under 100%: other processes took cores, times are inflated)")
+        busy = " (other processes took cores: the times are inflated)" if cpu_share < 0.9 else ""
+        print(f"CPU share during the run: {cpu_share:.0%} of {torch.get_num_threads()} threads{busy}")
     print(f"machine: matmul {peaks['matmul']:.3f} TFLOP/s, 3x3 conv {peaks['conv3x3']:.3f} TFLOP/s")
     print(f"{'part':<11}{'s total':>9}{'s/call':>9}{'GFLOP/call':>12}{'TFLOP/s':>9}{'/matmul':>9}{'/conv':>7}")
     for part, r in parts.items():
