@@ -29,10 +29,10 @@ def sample(models, Ey, M_l, *, prompt="", guidance=7.5, steps=30, eta=0.85, seed
     check_options(steps, eta)
     unet, schedule, dtype = models.unet, models.schedule, models.dtype
     Ey, M_l = Ey.float(), M_l.float()
-    guided = bool(prompt) and guidance != 1  # classifier-free guidance needs a prompt to steer towards
-    context = models.encode_text("")
+    guided = bool(prompt) and guidance != 1  # at g = 1, eps_u + g (eps_c - eps_u) is just eps_c
+    context = models.encode_text(prompt)
     if guided:
-        context = torch.cat([context, models.encode_text(prompt)])  # [unconditional, conditional]
+        context = torch.cat([models.encode_text(""), context])  # [unconditional, conditional]
 
     def eps_theta(z, t):
         """The UNet's noise prediction; with guidance, eps_u + g (eps_c - eps_u) from one batch-2 pass."""

@@ -111,3 +111,29 @@ def test_out_of_range_steps_or_eta_are_refused(steps, eta):
     models = point_mass_models([torch.zeros(4, 2, 2)], None)
     with pytest.raises(InputError, match="steps|eta"):
         sample(models, torch.zeros(1, 4, 2, 2), torch.ones(1, 1, 2, 2), steps=steps, eta=eta)
+
+
+class Recorder:
+    """Wraps the UNet and records the context of every call."""
+
+    def __init__(self, unet):
+        self.unet, self.contexts = unet, []
+
+    def __call__(self, z, t, context):
+        self.contexts.append(context)
+        return self.unet(z, t, context)
+
+    def __getattr__(self, name):
+        return getattr(self.unet, name)
+
+
+@pytest.mark.parametrize("prompt, guidance, batch", [("", 7.5, [""]), ("a cat", 7.5, ["", "a cat"]),
+                                                     ("a cat", 1.0, ["a cat"])])
+def test_unet_passes_per_step_follow_the_prompt_and_guidance(tiny, monkeypatch, prompt, guidance, batch):
+    recorder = Recorder(tiny.unet)
+    monkeypatch.setattr(tiny, "unet", recorder)
+    Ey = torch.zeros(1, 4, 4, 4)
+    sample(tiny, Ey, torch.ones_like(Ey), prompt=prompt, guidance=guidance, steps=3)
+    expected = torch.cat([tiny.encode_text(text) for text in batch])
+    assert len(recorder.contexts) == 3
+    assert all(torch.equal(context, expected) for context in recorder.contexts)
