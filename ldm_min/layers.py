@@ -53,12 +53,13 @@ class ResnetBlock(nn.Module):
             self.conv_shortcut = Conv2d(cin, cout, 1)
 
     def forward(self, x, temb=None):
-        h = self.conv1(F.silu(self.norm1(x)))
+        # In-place where a tensor has no other use: the VAE decoder's peak memory at full
+        # resolution is a handful of these feature maps.
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
         if temb is not None:
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
-        skip = self.conv_shortcut(x) if hasattr(self, "conv_shortcut") else x
-        return skip + h
+            h += self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        return h.add_(self.conv_shortcut(x) if hasattr(self, "conv_shortcut") else x)
 
 
 class Downsample(nn.Module):
@@ -130,19 +131,21 @@ class Block(nn.Module):
         if up:
             self.upsamplers = nn.ModuleList([Upsample(cout)])
 
-    def forward(self, x, temb=None, context=None, skips=None, out_size=None):
-        """Returns the output and the feature maps this level keeps for skip connections."""
-        kept = []
+    def forward(self, x, temb=None, context=None, skips=None, out_size=None, keep=None):
+        """`skips`: feature maps to concatenate, taken from the end (the UNet's way up). `keep`: a
+        list that collects each layer's output for those skip connections (its way down)."""
         for i, resnet in enumerate(self.resnets):
             if skips is not None:
                 x = torch.cat([x, skips.pop()], dim=1)
             x = resnet(x, temb)
             if hasattr(self, "attentions"):
                 x = self.attentions[i](x, context)
-            kept.append(x)
+            if keep is not None:
+                keep.append(x)
         if hasattr(self, "downsamplers"):
             x = self.downsamplers[0](x)
-            kept.append(x)
+            if keep is not None:
+                keep.append(x)
         if hasattr(self, "upsamplers"):
             x = self.upsamplers[0](x, out_size)
-        return x, kept
+        return x

@@ -80,9 +80,9 @@ class Models:
 
     def check_memory(self, height, width):
         """Refuse an image too large for this machine before starting, rather than run out of memory.
-        The VAE decoder's peak dominates: about 11 values per pixel for each channel of its last
-        level (measured at 256-384 px on v1.4, where that is 128 channels)."""
-        need = 11 * self.vae.decoder.conv_out.in_channels * height * width * self.dtype.itemsize
+        The VAE's peak dominates: 6.4 values per pixel for each channel of its full-resolution level
+        (measured at 512 px on v1.4, where that is 128 channels: 0.8 GiB in float32); 8 leaves a margin."""
+        need = 8 * self.vae.decoder.conv_out.in_channels * height * width * self.dtype.itemsize
         free = available_memory(self.device)
         if free is not None and need > free:
             raise InputError(f"a {width}x{height} image needs about {need / 2**30:.1f} GiB of memory on "

@@ -103,8 +103,7 @@ class UNet(nn.Module):
         x = self.conv_in(z)
         skips = [x]
         for block in self.down_blocks:
-            x, kept = block(x, temb, context)
-            skips += kept
+            x = block(x, temb, context, keep=skips)
 
         mid = self.mid_block
         x = mid.resnets[1](mid.attentions[0](mid.resnets[0](x, temb), context), temb)
@@ -113,6 +112,6 @@ class UNet(nn.Module):
             n = len(block.resnets)
             # The upsampler meets the next skip map: its size, not 2x, is the output size.
             out_size = skips[-n - 1].shape[-2:] if len(skips) > n else None
-            x, _ = block(x, temb, context, skips, out_size)
+            x = block(x, temb, context, skips, out_size)
 
         return self.conv_out(F.silu(self.conv_norm_out(x)))

@@ -50,7 +50,7 @@ class Encoder(nn.Module):
     def forward(self, x):
         x = self.conv_in(x)
         for block in self.down_blocks:
-            x, _ = block(x)
+            x = block(x)
         return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
 
 
@@ -69,7 +69,7 @@ class Decoder(nn.Module):
     def forward(self, z):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
-            x, _ = block(x)
+            x = block(x)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 
