@@ -21,7 +21,7 @@ WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_mod
 CONFIG_FILES = ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "vae/config.json",
                 "text_encoder/config.json", "tokenizer/*"]
 
-# The declared renames, file name -> module name (CONVENTIONS.md). Nothing else is renamed.
+# The declared renames, file name -> module name. Nothing else is renamed.
 RENAMES = {
     "vae": [(".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."), (".proj_attn.", ".to_out.0.")],
     "text_encoder": [("text_model.", "")],  # files written before transformers 5 carry this prefix

@@ -43,7 +43,7 @@ def sample(models, Ey, M_l, *, prompt="", guidance=7.5, steps=30, eta=0.85, seed
         return eps
 
     # Every draw is float32 on one CPU generator, in a fixed order, so a seed gives the same
-    # picture on any device: z_T first, then one eps_z per step (CONVENTIONS.md).
+    # picture on any device: z_T first, then one eps_z per step (README, Conventions).
     generator = torch.Generator().manual_seed(seed)
     noise = lambda: torch.randn(Ey.shape, generator=generator).to(Ey.device)
 
@@ -69,7 +69,7 @@ def sample(models, Ey, M_l, *, prompt="", guidance=7.5, steps=30, eta=0.85, seed
 def inpaint(image, mask, models, *, prompt="", guidance=7.5, steps=30, eta=0.85, seed=0, dilate=2,
             invert_mask=False, paste_back=False, feather=0, callback=None):
     """Fill the holes of `image` (PIL) marked white in `mask` (PIL); returns a PIL RGB image of the
-    same size. The preparation around `sample()` follows CONVENTIONS.md."""
+    same size. The preparation around `sample()` follows the README's Conventions."""
     check_options(steps, eta, dilate, feather)
     image, mask = images.prepare(image, mask, invert_mask)
     x = images.to_tensor(image).to(models.device)                     # (1, 3, H, W) in [-1, 1]

@@ -86,7 +86,7 @@ class VAE(nn.Module):
         self.decoder = Decoder(cfg)
 
     def encode(self, x):
-        """x: (B, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8). The mean, never a sample (CONVENTIONS.md)."""
+        """x: (B, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8). The mean, never a sample (README, Conventions)."""
         # Channels-last inside: the CPU convolutions take it as it is, where the default layout is
         # re-laid out around each one; at the VAE's large feature maps that is 15% of the time.
         x = x.contiguous(memory_format=torch.channels_last)
