@@ -106,6 +106,7 @@ def main(argv=None):
         warnings.simplefilter("ignore")
     warnings.formatwarning = lambda message, *_: f"warning: {message}\n"
     start = time.perf_counter()
+    # Every option and input is checked before the weights load, so a mistake costs no wait.
     check_options(args.steps, args.eta, args.mask_dilate, args.feather)
     device, dtype = pick_device(args.device, args.dtype)
     out = output_path(args)
