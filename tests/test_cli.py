@@ -1,12 +1,14 @@
 """inpaint.py end to end on the tiny checkpoint: outputs, options, and one-line errors for bad input."""
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import inpaint
@@ -132,7 +134,7 @@ BAD = {
     "unknown output format": (lambda: [IMAGE, MASK, "-o", "out.xyz"], r"unknown image format '.xyz'"),
     "missing weights": (lambda: [IMAGE, MASK, "--weights", "./no-weights"], r"no such folder"),
 }
-if not __import__("torch").cuda.is_available():
+if not torch.cuda.is_available():
     BAD["cuda without gpu"] = (lambda: [IMAGE, MASK, "--device", "cuda"], r"no CUDA GPU")
 
 
@@ -149,7 +151,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, case)
     status, err = cli(capsys, *args)
     assert status == 2
     assert err.count("\n") == 1 and err.startswith("error: "), err
-    assert __import__("re").search(message, err), err
+    assert re.search(message, err), err
     assert digest(tmp_path) == before and digest(GOLDEN) == golden  # no output, no input changed
 
 
