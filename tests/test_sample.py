@@ -137,3 +137,17 @@ def test_unet_passes_per_step_follow_the_prompt_and_guidance(tiny, monkeypatch, 
     expected = torch.cat([tiny.encode_text(text) for text in batch])
     assert len(recorder.contexts) == 3
     assert all(torch.equal(context, expected) for context in recorder.contexts)
+
+
+def test_a_compiled_unet_is_compiled_once_for_all_timesteps(tiny, monkeypatch):
+    graphs = []
+
+    def backend(graph, example_inputs):  # a torch.compile backend that only counts what it is given
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(tiny, "unet", torch.compile(tiny.unet, backend=backend))
+    Ey = torch.zeros(1, 4, 4, 4)
+    sample(tiny, Ey, torch.ones_like(Ey), steps=3)
+    assert len(graphs) == 1
