@@ -14,8 +14,9 @@ def timestep_embedding(t, dim):
     """Sinusoidal embedding of the integer timestep t, cos half first (`flip_sin_to_cos: true`,
     `freq_shift: 0` in the UNet config): freqs = 10000^(-k / (dim/2)), k = 0 .. dim/2 - 1."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
-    angles = torch.as_tensor(t, dtype=torch.float32).reshape(-1, 1) * freqs
+    t = torch.as_tensor(t, dtype=torch.float32)
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t.reshape(-1, 1) * freqs
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 

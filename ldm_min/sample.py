@@ -36,9 +36,9 @@ def sample(models, Ey, M_l, *, prompt="", guidance=7.5, steps=30, eta=0.85, seed
 
     def eps_theta(z, t):
         """The UNet's noise prediction; with guidance, eps_u + g (eps_c - eps_u) from one batch-2 pass.
-        t goes in as a tensor: a compiled UNet takes that as an input, where it would compile anew
-        for each new Python int."""
-        eps = unet(z.to(dtype).expand(len(context), -1, -1, -1), torch.tensor(t), context).float()
+        t goes in as a tensor on the UNet's device: a compiled UNet takes that as an input, where it
+        would compile anew for each new Python int."""
+        eps = unet(z.to(dtype).expand(len(context), -1, -1, -1), torch.tensor(t, device=z.device), context).float()
         if guided:
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + guidance * (eps_c - eps_u)
