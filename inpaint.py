@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import fields
 from pathlib import Path
 
 from PIL import Image
@@ -25,19 +26,26 @@ class Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv):
+    from ldm_min import Options
+
+    default = Options()  # the paper's settings, defined there only
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image", help="the picture to complete (any format Pillow reads)")
     p.add_argument("mask", help="same size as IMAGE; white (>= 128) marks the pixels to paint")
     p.add_argument("-o", "--output", help="output file (default: <image stem>_inpainted.png here)")
-    p.add_argument("--prompt", default="", help="text to steer the fill (default: none, as in the paper)")
-    p.add_argument("--steps", type=int, default=30, help="DDIM steps T (default 30)")
-    p.add_argument("--eta", type=float, default=0.85, help="DDIM eta: 0 deterministic, 1 DDPM (default 0.85)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale, with --prompt")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--mask-dilate", type=int, default=2, help="grow the latent hole by this many latent pixels")
+    p.add_argument("--prompt", default=default.prompt, help="text to steer the fill (default: none, as in the paper)")
+    p.add_argument("--steps", type=int, default=default.steps, help="DDIM steps T (default %(default)s)")
+    p.add_argument("--eta", type=float, default=default.eta,
+                   help="DDIM eta: 0 deterministic, 1 DDPM (default %(default)s)")
+    p.add_argument("--guidance", type=float, default=default.guidance,
+                   help="classifier-free guidance scale, with --prompt (default %(default)s)")
+    p.add_argument("--seed", type=int, default=default.seed, help="random seed (default %(default)s)")
+    p.add_argument("--mask-dilate", dest="dilate", type=int, default=default.dilate,
+                   help="grow the latent hole by this many latent pixels (default %(default)s)")
     p.add_argument("--invert-mask", action="store_true", help="black marks the pixels to paint")
     p.add_argument("--paste-back", action="store_true", help="put the original known pixels back over the result")
-    p.add_argument("--feather", type=int, default=0, help="with --paste-back: blend over this many pixels")
+    p.add_argument("--feather", type=int, default=default.feather,
+                   help="with --paste-back: blend over this many pixels (default %(default)s)")
     p.add_argument("--weights", help="local folder or hub repo id (default: $LDM_MIN_WEIGHTS, "
                                      "else CompVis/stable-diffusion-v1-4)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: cuda when available)")
@@ -95,33 +103,25 @@ def progress(steps, quiet):
 
 def main(argv=None):
     args = parse_args(argv)
-    import torch
-
-    from ldm_min import images, inpaint
-    from ldm_min.models import pick_device
-    from ldm_min.sample import check_options
+    from ldm_min import Options, images
+    from ldm_min.sample import inpaint_tensors
     from weights import load_models
 
     if args.quiet:
         warnings.simplefilter("ignore")
     warnings.formatwarning = lambda message, *_: f"warning: {message}\n"
     start = time.perf_counter()
-    # Every option and input is checked before the weights load, so a mistake costs no wait.
-    check_options(args.steps, args.eta, args.mask_dilate, args.feather)
-    device, dtype = pick_device(args.device, args.dtype)
+    # Every option and input is checked before the weights load, so a mistake costs no wait
+    # (load_models checks --device and --dtype before it reads a file).
+    options = Options(**{field.name: getattr(args, field.name) for field in fields(Options)})
     out = output_path(args)
-    image, mask = images.prepare(images.open_image(args.image), images.open_image(args.mask, "mask"),
-                                 args.invert_mask)
-    models = load_models(args.weights, args.device, args.dtype)
-    if args.compile:
-        models.unet = torch.compile(models.unet)
-    result = inpaint(image, mask, models, prompt=args.prompt, guidance=args.guidance, steps=args.steps,
-                     eta=args.eta, seed=args.seed, dilate=args.mask_dilate, paste_back=args.paste_back,
-                     feather=args.feather, callback=progress(args.steps, args.quiet))
-    save_atomically(result, out)
+    x, hole = images.prepare(images.open_image(args.image), images.open_image(args.mask, "mask"), options.invert_mask)
+    models = load_models(args.weights, args.device, args.dtype, args.compile)
+    result = inpaint_tensors(x, hole, models, options, progress(options.steps, args.quiet))
+    save_atomically(images.to_pil(result), out)
     if not args.quiet:
-        dtype_name = str(dtype).removeprefix("torch.")
-        print(f"seed {args.seed}, {args.steps} steps, eta {args.eta}, {device.type} {dtype_name}, "
+        dtype = str(models.dtype).removeprefix("torch.")
+        print(f"seed {options.seed}, {options.steps} steps, eta {options.eta}, {models.device.type} {dtype}, "
               f"{time.perf_counter() - start:.1f} s -> {out}", file=sys.stderr)
 
 

@@ -1,4 +1,5 @@
-"""Find, download and load the official Stable Diffusion v1.x checkpoint.
+"""Every step from a `--weights` value to models ready to sample with: find, download, read the
+configs, choose device and dtype, build the modules, load them strictly, speed them up.
 
 `--weights` names a local folder in the official layout or a hub repo id (default
 CompVis/stable-diffusion-v1-4; the environment variable LDM_MIN_WEIGHTS overrides the
@@ -11,15 +12,21 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ldm_min.errors import WeightsError
-from ldm_min.models import Models, build, pick_device, read_configs
+from ldm_min import fast
+from ldm_min.errors import InputError, WeightsError
+from ldm_min.models import Models
 from ldm_min.schedule import Schedule
+from ldm_min.unet import UNet
+from ldm_min.vae import VAE
 
 DEFAULT_REPO = "CompVis/stable-diffusion-v1-4"
+SD14_CONFIGS = Path(__file__).parent / "ldm_min" / "sd14"  # the official v1.4 config.json files
+PARTS = ("unet", "vae", "text_encoder", "scheduler")
 WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
-CONFIG_FILES = ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "vae/config.json",
-                "text_encoder/config.json", "tokenizer/*"]
+CONFIG_FILES = ["scheduler/scheduler_config.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+                "tokenizer/*"]
 
 # The declared renames, file name -> module name. Nothing else is renamed.
 RENAMES = {
@@ -34,6 +41,23 @@ SD1_UNET = {"in_channels": 4, "out_channels": 4, "flip_sin_to_cos": True, "freq_
             "use_linear_projection": False, "addition_embed_type": None, "class_embed_type": None,
             "transformer_layers_per_block": 1}
 SD1_BLOCKS = {"CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"}
+
+
+def pick_device(device="auto", dtype="auto"):
+    """`auto`: CUDA in float16 when there is a GPU, else the CPU in float32."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise InputError(f"unknown device {device!r}: use auto, cpu or cuda")
+    if dtype not in ("auto", "float32", "float16", "bfloat16"):
+        raise InputError(f"unknown dtype {dtype!r}: use auto, float32, float16 or bfloat16")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA GPU is available to PyTorch here; use --device cpu")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "float16" if device == "cuda" else "float32"
+    if device == "cpu" and dtype == "float16":
+        raise InputError("float16 on the CPU is slow and partly unsupported: use --dtype bfloat16 or float32")
+    return torch.device(device), getattr(torch, dtype)
 
 
 def variants(dtype):
@@ -94,6 +118,16 @@ def find_weights(folder, part, dtype, required=True):
     raise WeightsError(f"{folder / part}: missing {stem}.safetensors (or {stem}.fp16.safetensors)")
 
 
+def read_configs(folder=None):
+    """Each part's config: the official v1.4 values, overridden by what `folder/<part>/` holds."""
+    configs = {part: json.loads((SD14_CONFIGS / f"{part}.json").read_text()) for part in PARTS}
+    if folder is not None:
+        for part in PARTS:
+            name = "scheduler_config.json" if part == "scheduler" else "config.json"
+            configs[part].update(json.loads((Path(folder) / part / name).read_text()))
+    return configs
+
+
 def check_family(configs, folder):
     """One clear line when the configs describe another model family (SD 2.x, SDXL, inpainting UNets)."""
     unet, text = configs["unet"], configs["text_encoder"]
@@ -109,6 +143,13 @@ def check_family(configs, folder):
         details = ", ".join(f"{k}={v}" for k, v in found.items())
         raise WeightsError(f"{folder}: not a Stable Diffusion v1.x checkpoint (unet config: {details}); "
                            f"ldm_min runs v1.x models such as {DEFAULT_REPO}")
+
+
+def build(configs):
+    """Untrained modules of the configured sizes, on the current default device (`meta` to
+    allocate nothing before the weights arrive)."""
+    text_cfg = CLIPTextConfig(**configs["text_encoder"], attn_implementation="sdpa")
+    return {"unet": UNet(configs["unet"]), "vae": VAE(configs["vae"]), "text_encoder": CLIPTextModel(text_cfg)}
 
 
 def read_state(path, part):
@@ -151,10 +192,9 @@ def load_into(module, state, path, device, dtype):
     return module.requires_grad_(False).eval()
 
 
-def load_models(weights=None, device="auto", dtype="auto"):
-    """The checkpoint named by `weights` (see the module docstring), ready to sample with."""
-    from transformers import CLIPTokenizer
-
+def load_models(weights=None, device="auto", dtype="auto", compile=False):
+    """The checkpoint named by `weights` (see the module docstring), ready to sample with;
+    `compile`: torch.compile the UNet."""
     device, dtype = pick_device(device, dtype)
     folder = resolve(weights, dtype)
     try:
@@ -163,15 +203,21 @@ def load_models(weights=None, device="auto", dtype="auto"):
         raise WeightsError(f"{folder}: cannot read the model's config.json files ({e})") from None
     check_family(configs, folder)
     with torch.device("meta"):
-        modules = dict(zip(("unet", "vae", "text_encoder"), build(configs)))
+        modules = build(configs)
     for part, module in modules.items():
         path = find_weights(folder, part, dtype)
         load_into(module, read_state(path, part), path, device, dtype)
-    # CLIPTextModel's position_ids is a non-persistent buffer: not in the file, still on `meta`.
-    embeddings = modules["text_encoder"].embeddings
-    embeddings.position_ids = torch.arange(embeddings.position_ids.shape[1], device=device)[None]
     try:
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     except Exception as e:
         raise WeightsError(f"{folder / 'tokenizer'}: cannot load the CLIP tokenizer ({e})") from None
-    return Models(**modules, tokenizer=tokenizer, schedule=Schedule(configs["scheduler"]))
+    return assemble(modules, tokenizer, configs, device, dtype, compile)
+
+
+def assemble(modules, tokenizer, configs, device, dtype, compile=False):
+    """Loaded modules as one `Models` bundle, sped up (`ldm_min/fast.py`)."""
+    # CLIPTextModel's position_ids is a non-persistent buffer: not in the file, still on `meta`.
+    embeddings = modules["text_encoder"].embeddings
+    embeddings.position_ids = torch.arange(embeddings.position_ids.shape[1], device=device)[None]
+    models = Models(**modules, tokenizer=tokenizer, schedule=Schedule(configs["scheduler"]), device=device, dtype=dtype)
+    return fast.speed_up(models, compile)

@@ -27,14 +27,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing
-from ldm_min import Models, inpaint  # noqa: E402
-from ldm_min.models import build, pick_device, read_configs  # noqa: E402
-from ldm_min.schedule import Schedule  # noqa: E402
+from ldm_min import Options, inpaint  # noqa: E402
+from weights import assemble, build, load_models, pick_device, read_configs, resolve  # noqa: E402
 
 # The real CLIP BPE vocabulary, kept with the test checkpoint: token ids only pick embedding rows,
 # so any valid ids time the same.
 TOKENIZER = ROOT / "tests" / "golden" / "tiny-sd" / "tokenizer"
 PARTS = ("text", "vae_encode", "unet", "vae_decode")
+PAPER_STEPS = Options().steps
 
 
 def parse_args(argv=None):
@@ -43,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--steps", type=int, default=2,
-                   help="DDIM steps timed (default 2, so a CPU run ends); the 30-step time is extrapolated")
+                   help=f"DDIM steps timed (default 2, so a CPU run ends); the {PAPER_STEPS}-step time "
+                        f"(the paper's) is extrapolated")
     p.add_argument("--prompt", default="", help="a prompt turns on guidance, which doubles the UNet batch")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA only)")
     p.add_argument("--warmup", type=int, default=None,
@@ -78,23 +79,20 @@ def randomize(module):
     return module.eval()
 
 
-def random_models(device, dtype):
+def random_models(configs, device, dtype, compile):
     """The v1.4 parts with random weights, made directly in the compute dtype: no float32 copy
-    ever exists, so peak memory is that of a real run."""
-    configs = read_configs()
-    with torch.device("meta"):
-        parts = build(configs)
-    torch.manual_seed(0)
-    unet, vae, text = (randomize(m.to(dtype).to_empty(device=device)) for m in parts)
-    # A non-persistent buffer, left empty by to_empty (weights.load_models does the same).
-    text.embeddings.position_ids = torch.arange(text.embeddings.position_ids.shape[1], device=device)[None]
+    ever exists, so peak memory is that of a real run. Then the loader's own last step."""
     from transformers import CLIPTokenizer
-    return Models(unet, vae, text, CLIPTokenizer.from_pretrained(TOKENIZER), Schedule(configs["scheduler"]))
+
+    with torch.device("meta"):
+        modules = build(configs)
+    torch.manual_seed(0)
+    modules = {part: randomize(m.to(dtype).to_empty(device=device)) for part, m in modules.items()}
+    return assemble(modules, CLIPTokenizer.from_pretrained(TOKENIZER), configs, device, dtype, compile)
 
 
 class Timed:
-    """Stands in for a callable and records the seconds of each call; attribute reads pass through
-    (so `models.unet.conv_in` still works when the UNet is wrapped)."""
+    """Stands in for a callable and records the seconds of each call."""
 
     def __init__(self, f, device):
         self.f, self.device, self.seconds = f, device, []
@@ -107,9 +105,6 @@ class Timed:
         self.seconds.append(time.perf_counter() - start)
         return out
 
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
 
 def demo_picture(size):
     """A smooth picture with a square hole in the middle: content does not change the speed."""
@@ -120,12 +115,11 @@ def demo_picture(size):
     return Image.fromarray(rgb.astype(np.uint8)), Image.fromarray(mask)
 
 
-def count_flops(dtype, size, batch):
+def count_flops(configs, dtype, size, batch):
     """FLOPs of one call of each part, counted once on `meta` tensors: the same shapes as the
     run, no arithmetic done, nothing allocated. A multiply-add counts as 2 FLOPs."""
-    configs = read_configs()
     with torch.device("meta"):
-        unet, vae, text = (m.to(dtype) for m in build(configs))
+        unet, vae, text = (m.to(dtype) for m in build(configs).values())
         h = size // 8
         calls = {
             "text": lambda: text(torch.zeros(1, 77, dtype=torch.long)),
@@ -189,19 +183,18 @@ def low_precision_error(models, size, prompt):
 def main(argv=None):
     args = parse_args(argv)
     device, dtype = pick_device(args.device, args.dtype)
+    # The architecture measured: the checkpoint's (its folder or hub cache), else v1.4's.
+    configs = read_configs(resolve(args.weights, dtype) if args.weights else None)
     start = time.perf_counter()
     if args.weights:
-        from weights import load_models
-        models = load_models(args.weights, args.device, args.dtype)
+        models = load_models(args.weights, args.device, args.dtype, args.compile)
     else:
-        models = random_models(device, dtype)
+        models = random_models(configs, device, dtype, args.compile)
     load_seconds = time.perf_counter() - start
     weight_bytes = sum(p.numel() * p.element_size()
                        for m in (models.unet, models.vae, models.text_encoder) for p in m.parameters())
-    if args.compile:
-        models.unet = torch.compile(models.unet)
     image, mask = demo_picture(args.size)
-    run = lambda steps: inpaint(image, mask, models, prompt=args.prompt, steps=steps, seed=0)
+    run = lambda steps: inpaint(image, mask, models, Options(prompt=args.prompt, steps=steps))
     for _ in range(args.warmup if args.warmup is not None else int(device.type == "cuda")):
         run(1)
 
@@ -233,7 +226,7 @@ def main(argv=None):
     # encode_text runs once for "" and once more for a prompt; the rest once, the UNet once a step.
     guided = bool(args.prompt)
     text_calls = 1 + guided
-    flops = count_flops(dtype, args.size, 1 + guided)
+    flops = count_flops(configs, dtype, args.size, 1 + guided)
     peaks = machine_peaks(device, dtype)
 
     parts = {}
@@ -242,12 +235,12 @@ def main(argv=None):
         tflops = flops[part] / per_call / 1e12
         parts[part] = {"seconds": seconds[part], "seconds_per_call": per_call, "gflop_per_call": flops[part] / 1e9,
                        "tflops": tflops, "of_matmul": tflops / peaks["matmul"], "of_conv3x3": tflops / peaks["conv3x3"]}
-    thirty = total + (30 - args.steps) * unet_call  # only the UNet part scales with steps
+    extrapolated = total + (PAPER_STEPS - args.steps) * unet_call  # only the UNet part scales with steps
     result = {
         "device": str(device), "dtype": args.dtype, "size": args.size, "steps": args.steps, "guided": guided,
         "unet_batch": 1 + guided, "compiled": args.compile, "threads": torch.get_num_threads(),
         "cpu_share": cpu_share, "load_seconds": load_seconds, "total_seconds": total, "other_seconds": other,
-        "extrapolated_30_step_seconds": thirty, "parts": parts, "machine_tflops": peaks,
+        "extrapolated_steps": PAPER_STEPS, "extrapolated_seconds": extrapolated, "parts": parts, "machine_tflops": peaks,
         "weights_gib": weight_bytes / 2**30, "peak_memory_gib": peak_bytes / 2**30,
         "peak_memory_kind": "max_memory_allocated" if device.type == "cuda" else "peak RSS (ru_maxrss)",
     }
@@ -269,8 +262,8 @@ def main(argv=None):
         print(f"{part:<11}{r['seconds']:9.2f}{r['seconds_per_call']:9.2f}{r['gflop_per_call']:12.1f}"
               f"{r['tflops']:9.3f}{r['of_matmul']:9.0%}{r['of_conv3x3']:7.0%}")
     print(f"other      {other:9.2f}   (image preparation, sampler arithmetic)")
-    print(f"total {total:.1f} s for {args.steps} steps; 30 steps extrapolated: {thirty:.1f} s "
-          f"(+ {30 - args.steps} x {unet_call:.2f} s UNet calls)")
+    print(f"total {total:.1f} s for {args.steps} steps; {PAPER_STEPS} steps extrapolated: {extrapolated:.1f} s "
+          f"(+ {PAPER_STEPS - args.steps} x {unet_call:.2f} s UNet calls)")
     print(f"{'weights loaded' if args.weights else 'random weights made'} in {load_seconds:.1f} s; "
           f"weights {result['weights_gib']:.2f} GiB, {result['peak_memory_kind']} {result['peak_memory_gib']:.2f} GiB")
     if "unet_rel_error_vs_float32" in result:

@@ -39,33 +39,28 @@ def eight_bit(im):
 
 
 def prepare(image, mask, invert_mask=False):
-    """The RGB image and its binary mask (255 = hole), checked. A mask pixel is a hole where its
-    grey value is >= 128, transparent pixels counting as black; `invert_mask` swaps that."""
+    """The image and its hole, checked: x (1, 3, H, W) float32 in [-1, 1] and hole (1, 1, H, W),
+    1 = paint here. A mask pixel is a hole where its grey value is >= 128, transparent pixels
+    counting as black; `invert_mask` swaps that."""
     image, mask = eight_bit(image).convert("RGB"), eight_bit(mask)
     grey, alpha = mask.convert("LA").split()  # a transparent mask pixel is known, whatever its colour
-    mask = Image.fromarray((np.asarray(grey, np.uint16) * np.asarray(alpha) // 255).astype(np.uint8))
     if mask.size != image.size:
         raise InputError(f"mask is {mask.size[0]}x{mask.size[1]} but image is {image.size[0]}x{image.size[1]}: "
                          f"they must be the same size")
     if min(image.size) < MIN_SIDE:
         raise InputError(f"image is {image.size[0]}x{image.size[1]}: each side must be at least {MIN_SIDE} pixels")
-    hole = np.asarray(mask) >= 128
+    hole = np.asarray(grey, np.uint16) * np.asarray(alpha) // 255 >= 128
     if invert_mask:
         hole = ~hole
     if not hole.any():
         raise InputError("the mask marks no pixel to paint: white (>= 128) marks the hole"
                          + ("" if invert_mask else "; use --invert-mask if black marks it in yours"))
-    return image, Image.fromarray(hole.astype(np.uint8) * 255)
+    return to_tensor(image), torch.from_numpy(hole).float()[None, None]
 
 
 def to_tensor(image):
     """PIL RGB -> (1, 3, H, W) float32 in [-1, 1]."""
     return torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
-
-
-def to_hole(mask):
-    """PIL L -> (1, 1, H, W) float32, 1 where the pixel is a hole (value >= 128)."""
-    return torch.from_numpy(np.array(mask) >= 128).float()[None, None]
 
 
 def to_pil(x):

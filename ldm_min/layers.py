@@ -20,23 +20,6 @@ def timestep_embedding(t, dim):
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
-class Conv2d(nn.Conv2d):
-    """A stride-1, size-keeping nn.Conv2d that does small float32 feature maps on the CPU as one
-    matrix product over unfolded patches. PyTorch's CPU convolution (oneDNN) re-lays out the
-    weights on every call; on the UNet's 8x8 and 16x16 maps that costs more than the arithmetic,
-    and the matrix product, which reads the weights as they are, is 1.1-3x faster there (a 512x512
-    float32 UNet step: 10% faster). In bfloat16 the arithmetic dominates: nothing to gain."""
-
-    SMALL = 512  # batch * height * width up to which the matrix product wins (measured, float32)
-
-    def forward(self, x):
-        b, _, h, w = x.shape
-        if x.device.type != "cpu" or x.dtype != torch.float32 or b * h * w > self.SMALL:
-            return super().forward(x)
-        patches = F.unfold(x, self.kernel_size, padding=self.padding)  # (B, C_in * k * k, H * W)
-        return (self.weight.flatten(1) @ patches + self.bias[:, None]).unflatten(-1, (h, w))
-
-
 class ResnetBlock(nn.Module):
     """GroupNorm, SiLU, 3x3 conv, twice, plus a skip (1x1 conv when the width changes).
     The UNet adds a projection of the timestep embedding between the two convolutions;
@@ -45,13 +28,13 @@ class ResnetBlock(nn.Module):
     def __init__(self, cin, cout, groups, eps, temb_channels=None):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, cin, eps)
-        self.conv1 = Conv2d(cin, cout, 3, padding=1)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         if temb_channels is not None:
             self.time_emb_proj = nn.Linear(temb_channels, cout)
         self.norm2 = nn.GroupNorm(groups, cout, eps)
-        self.conv2 = Conv2d(cout, cout, 3, padding=1)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         if cin != cout:
-            self.conv_shortcut = Conv2d(cin, cout, 1)
+            self.conv_shortcut = nn.Conv2d(cin, cout, 1)
 
     def forward(self, x, temb=None):
         # In-place where a tensor has no other use: the VAE decoder's peak memory at full
@@ -84,7 +67,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x, size=None):
         x = F.interpolate(x, size=size or (2 * x.shape[-2], 2 * x.shape[-1]), mode="nearest")
@@ -114,19 +97,19 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """One resolution level of the UNet or the VAE: `n` ResNet blocks, each followed by a
-    spatial transformer when `transformer` (channels -> module) is given, then an optional
-    down- or upsampler. On the UNet's way up, each ResNet block first concatenates one skip
-    connection; `skip_channels` gives their widths."""
+    """One resolution level of the UNet or the VAE: `n` ResNet blocks, each followed by an
+    attention module when `attention` (channels -> module) is given, then an optional down- or
+    upsampler. On the UNet's way up, each ResNet block first concatenates one skip connection;
+    `skip_channels` gives their widths."""
 
-    def __init__(self, cin, cout, n, groups, eps, temb=None, transformer=None, skip_channels=None,
+    def __init__(self, cin, cout, n, groups, eps, temb_channels=None, attention=None, skip_channels=None,
                  down=False, asymmetric_pad=False, up=False):
         super().__init__()
         skips = skip_channels or [0] * n
         self.resnets = nn.ModuleList(
-            ResnetBlock((cin if i == 0 else cout) + skips[i], cout, groups, eps, temb) for i in range(n))
-        if transformer:
-            self.attentions = nn.ModuleList(transformer(cout) for _ in range(n))
+            ResnetBlock((cin if i == 0 else cout) + skips[i], cout, groups, eps, temb_channels) for i in range(n))
+        if attention:
+            self.attentions = nn.ModuleList(attention(cout) for _ in range(n))
         if down:
             self.downsamplers = nn.ModuleList([Downsample(cout, asymmetric_pad)])
         if up:

@@ -1,54 +1,14 @@
-"""The four parts of a Stable Diffusion v1.x checkpoint, built from their configs, and the
-choice of device and dtype they run in."""
-import json
+"""The parts of a Stable Diffusion v1.x checkpoint, ready to sample with (`weights.load_models`
+builds and loads them), and what they are asked besides sampling: text embeddings, memory."""
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .errors import InputError
 from .schedule import Schedule
 from .unet import UNet
 from .vae import VAE
-
-SD14_CONFIGS = Path(__file__).parent / "sd14"  # the official v1.4 config.json files
-PARTS = ("unet", "vae", "text_encoder", "scheduler")
-
-
-def read_configs(folder=None):
-    """Each part's config: the official v1.4 values, overridden by what `folder/<part>/` holds."""
-    configs = {part: json.loads((SD14_CONFIGS / f"{part}.json").read_text()) for part in PARTS}
-    if folder is not None:
-        for part in PARTS:
-            name = "scheduler_config.json" if part == "scheduler" else "config.json"
-            configs[part].update(json.loads((Path(folder) / part / name).read_text()))
-    return configs
-
-
-def build(configs):
-    """Untrained modules of the configured sizes, on the current default device (`meta` to
-    allocate nothing before the weights arrive)."""
-    text_cfg = CLIPTextConfig(**configs["text_encoder"], attn_implementation="sdpa")
-    return UNet(configs["unet"]), VAE(configs["vae"]), CLIPTextModel(text_cfg)
-
-
-def pick_device(device="auto", dtype="auto"):
-    """`auto`: CUDA in float16 when there is a GPU, else the CPU in float32."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise InputError(f"unknown device {device!r}: use auto, cpu or cuda")
-    if dtype not in ("auto", "float32", "float16", "bfloat16"):
-        raise InputError(f"unknown dtype {dtype!r}: use auto, float32, float16 or bfloat16")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA GPU is available to PyTorch here; use --device cpu")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "float16" if device == "cuda" else "float32"
-    if device == "cpu" and dtype == "float16":
-        raise InputError("float16 on the CPU is slow and partly unsupported: use --dtype bfloat16 or float32")
-    return torch.device(device), getattr(torch, dtype)
 
 
 def available_memory(device):
@@ -66,17 +26,11 @@ def available_memory(device):
 class Models:
     unet: UNet
     vae: VAE
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
+    text_encoder: "transformers.CLIPTextModel"  # named, not imported: `import ldm_min` stays quick
+    tokenizer: "transformers.CLIPTokenizer"
     schedule: Schedule
-
-    @property
-    def device(self):
-        return self.unet.conv_in.weight.device
-
-    @property
-    def dtype(self):
-        return self.unet.conv_in.weight.dtype
+    device: torch.device  # where every part's weights are
+    dtype: torch.dtype    # and their dtype: the compute dtype of the models, not of the sampler
 
     def check_memory(self, height, width):
         """Refuse an image too large for this machine before starting, rather than run out of memory.

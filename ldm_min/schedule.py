@@ -23,16 +23,16 @@ class Schedule:
         self.abar_final = torch.tensor(1.0) if cfg.get("set_alpha_to_one", False) else self.abar[0]
 
     def timesteps(self, T):
-        """The T timesteps of a DDIM run, in sampling order: (T-1)r + offset, ..., r + offset, offset.
-        At T = 1000 the offset would push the first one past the last trained timestep; it is 0 there."""
+        """The (t, t_prev) pairs of a T-step DDIM run in sampling order, r = 1000 // T apart (v1.4):
+        t = (T-1)r + offset, ..., r + offset, offset, and t_prev = t - r (below 0 at the last step).
+        At T = 1000 the offset would push the first t past the last trained timestep; it is 0 there."""
         r = self.num_train_timesteps // T
         offset = min(self.steps_offset, self.num_train_timesteps - 1 - (T - 1) * r)
-        return [i * r + offset for i in reversed(range(T))]
+        return [(i * r + offset, (i - 1) * r + offset) for i in reversed(range(T))]
 
-    def abar_prev(self, t, T):
-        """abar at the timestep that follows t in a T-step run (abar_{t-1} in the paper's notation)."""
-        prev = t - self.num_train_timesteps // T
-        return self.abar[prev] if prev >= 0 else self.abar_final
+    def abar_at(self, t):
+        """abar_t; before timestep 0 (t_prev of the last step), the config's final value."""
+        return self.abar[t] if t >= 0 else self.abar_final
 
     @staticmethod
     def sigma(eta, abar_t, abar_prev):

@@ -3,11 +3,10 @@
 Every width, depth and head count comes from the checkpoint's `unet/config.json`; the same
 code builds the full v1.4 model and the small test checkpoints.
 """
-import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Attention, Block, Conv2d, ResnetBlock, timestep_embedding
+from .layers import Attention, Block, ResnetBlock, timestep_embedding
 
 
 class GEGLU(nn.Module):
@@ -48,9 +47,9 @@ class SpatialTransformer(nn.Module):
     def __init__(self, channels, heads, context_dim, groups):
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)  # eps of the official model code
-        self.proj_in = Conv2d(channels, channels, 1)
+        self.proj_in = nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, heads, context_dim)])
-        self.proj_out = Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x, context):
         b, c, h, w = x.shape
@@ -67,36 +66,42 @@ class UNet(nn.Module):
         widths, n = cfg["block_out_channels"], cfg["layers_per_block"]
         groups, eps, temb = cfg["norm_num_groups"], cfg["norm_eps"], 4 * widths[0]
         transformer = lambda c: SpatialTransformer(c, cfg["attention_head_dim"], cfg["cross_attention_dim"], groups)
-        with_attention = [kind.startswith("CrossAttn") for kind in cfg["down_block_types"] + cfg["up_block_types"]]
+        attention = lambda kind: transformer if kind.startswith("CrossAttn") else None  # by block type
 
         self.time_embedding = nn.Module()
         self.time_embedding.linear_1 = nn.Linear(widths[0], temb)
         self.time_embedding.linear_2 = nn.Linear(temb, temb)
         self.conv_in = nn.Conv2d(cfg["in_channels"], widths[0], 3, padding=1)
 
-        last = len(widths) - 1
+        # The way down pushes its outputs onto a stack of skip maps: conv_in's, each ResNet
+        # block's (after its transformer), each downsampler's. Their widths, in push order:
+        skip_widths = [widths[0]]
         self.down_blocks = nn.ModuleList()
-        skip_channels = [widths[0]]  # conv_in's output is the first skip
-        for i in range(last + 1):
-            self.down_blocks.append(Block(widths[max(i - 1, 0)], widths[i], n, groups, eps, temb,
-                                          with_attention[i] and transformer, down=i < last))
-            skip_channels += [widths[i]] * (n + (i < last))
+        for i, kind in enumerate(cfg["down_block_types"]):
+            lowest = i == len(widths) - 1  # no downsampler below the lowest level
+            self.down_blocks.append(Block(widths[max(i - 1, 0)], widths[i], n, groups, eps, temb_channels=temb,
+                                          attention=attention(kind), down=not lowest))
+            skip_widths += [widths[i]] * (n if lowest else n + 1)
 
         self.mid_block = nn.Module()
         self.mid_block.resnets = nn.ModuleList(ResnetBlock(widths[-1], widths[-1], groups, eps, temb) for _ in range(2))
         self.mid_block.attentions = nn.ModuleList([transformer(widths[-1])])
 
+        # The way up mirrors it: each level has n + 1 ResNet blocks, each popping one skip map
+        # (the last pushed first), and every level but the top one upsamples.
+        up_widths = widths[::-1]
         self.up_blocks = nn.ModuleList()
-        for i in range(last + 1):
-            skips = [skip_channels.pop() for _ in range(n + 1)]
-            self.up_blocks.append(Block(widths[min(last - i + 1, last)], widths[last - i], n + 1, groups, eps, temb,
-                                        with_attention[last + 1 + i] and transformer, skips, up=i < last))
+        for i, kind in enumerate(cfg["up_block_types"]):
+            top = i == len(widths) - 1
+            skips = [skip_widths.pop() for _ in range(n + 1)]
+            self.up_blocks.append(Block(up_widths[max(i - 1, 0)], up_widths[i], n + 1, groups, eps, temb_channels=temb,
+                                        attention=attention(kind), skip_channels=skips, up=not top))
 
         self.conv_norm_out = nn.GroupNorm(groups, widths[0], eps)
         self.conv_out = nn.Conv2d(widths[0], cfg["out_channels"], 3, padding=1)
 
     def forward(self, z, t, context):
-        """z: (B, 4, h, w) latents, t: integer timestep, context: (B, 77, d) text embedding."""
+        """z: (B, 4, h, w) latents, t: the integer timestep (or a 0-d tensor), context: (B, 77, d) text embedding."""
         temb = timestep_embedding(t, self.conv_in.out_channels).to(z.device, z.dtype)
         temb = self.time_embedding.linear_2(F.silu(self.time_embedding.linear_1(temb)))
 

@@ -2,7 +2,6 @@
 
 Widths and depths come from the checkpoint's `vae/config.json`.
 """
-import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -87,12 +86,9 @@ class VAE(nn.Module):
 
     def encode(self, x):
         """x: (B, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8). The mean, never a sample (README, Conventions)."""
-        # Channels-last inside: the CPU convolutions take it as it is, where the default layout is
-        # re-laid out around each one; at the VAE's large feature maps that is 15% of the time.
-        x = x.contiguous(memory_format=torch.channels_last)
         mean = self.quant_conv(self.encoder(x)).chunk(2, dim=1)[0]
-        return self.scaling_factor * mean.contiguous()
+        return self.scaling_factor * mean
 
     def decode(self, z):
-        z = z.contiguous(memory_format=torch.channels_last)  # as in encode
-        return self.decoder(self.post_quant_conv(z / self.scaling_factor)).contiguous()
+        """z: (B, 4, h, w) scaled latents -> (B, 3, 8h, 8w) in [-1, 1] (unclamped)."""
+        return self.decoder(self.post_quant_conv(z / self.scaling_factor))

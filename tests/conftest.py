@@ -6,10 +6,8 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-GOLDEN = ROOT / "tests" / "golden"
-TINY = GOLDEN / "tiny-sd"
-sys.path.insert(0, str(ROOT))  # weights.py and inpaint.py live at the top level
+GOLDEN = Path(__file__).parent / "golden"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # weights.py and inpaint.py live at the top level
 
 
 @pytest.fixture(scope="session")
@@ -30,4 +28,4 @@ def tiny():
     """The tiny golden checkpoint, float32 on the CPU."""
     from weights import load_models
 
-    return load_models(TINY, "cpu", "float32")
+    return load_models(GOLDEN / "tiny-sd", "cpu", "float32")

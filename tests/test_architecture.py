@@ -5,8 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm_min.models import build, read_configs
-from weights import IGNORED, RENAMES
+from weights import IGNORED, RENAMES, build, read_configs
 
 KEYS = Path(__file__).parent / "sd14"
 
@@ -29,7 +28,7 @@ def official_keys(part):
 @pytest.fixture(scope="module")
 def full_size():
     with torch.device("meta"):
-        return dict(zip(("unet", "vae", "text_encoder"), build(read_configs())))
+        return build(read_configs())
 
 
 @pytest.mark.parametrize("part", ["unet", "vae", "text_encoder"])

@@ -1,10 +1,13 @@
 """The tiny checkpoint reproduces tests/golden/expected.safetensors (tolerances of its README)."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from conftest import GOLDEN
-from ldm_min import images, inpaint
+from ldm_min import Options, images, inpaint
+
+GOLDEN = Path(__file__).parent / "golden"
 
 
 def close(found, expected, rel=1e-4):
@@ -38,17 +41,15 @@ def test_vae_decoder_matches_golden(tiny, expected):
         assert close(tiny.vae.decode(expected["vae.in.z_scaled"]), expected["vae.out.decode"])
 
 
-def test_image_loads_as_the_golden_tensor(expected):
-    x = images.to_tensor(images.open_image(GOLDEN / "astronaut128.png").convert("RGB"))
-    assert torch.equal(x, expected["vae.in.x"])
+def test_image_and_mask_load_as_the_golden_tensors(expected):
+    x, hole = images.prepare(images.open_image(GOLDEN / "astronaut128.png"),
+                             images.open_image(GOLDEN / "astronaut128_mask.png"))
+    assert torch.equal(x, expected["vae.in.x"]) and torch.equal(hole, expected["mask.in.hole"])
 
 
 @pytest.mark.parametrize("dilate", [2, 0])
 def test_latent_mask_matches_golden(expected, dilate):
-    image = images.open_image(GOLDEN / "astronaut128.png")
-    _, mask = images.prepare(image, images.open_image(GOLDEN / "astronaut128_mask.png"))
-    hole = images.to_hole(mask)
-    assert torch.equal(hole, expected["mask.in.hole"])
+    hole = expected["mask.in.hole"]
     assert torch.equal(images.latent_known_mask(hole, dilate), expected[f"mask.out.latent_known_dilate{dilate}"])
 
 
@@ -56,9 +57,10 @@ def test_latent_mask_matches_golden(expected, dilate):
 def test_inpaint_reproduces_golden_run(tiny, expected, runs, run):
     r = runs[run]
     latents = []
-    result = inpaint(images.open_image(GOLDEN / r["image"]), images.open_image(GOLDEN / r["mask"]), tiny,
-                     prompt=r["prompt"], guidance=r["guidance"], steps=r["steps"], eta=r["eta"], seed=r["seed"],
-                     dilate=r["dilate"], callback=lambda i, t, z, *_: latents.append(z[0]))
+    options = Options(prompt=r["prompt"], guidance=r["guidance"], steps=r["steps"], eta=r["eta"], seed=r["seed"],
+                      dilate=r["dilate"])
+    result = inpaint(images.open_image(GOLDEN / r["image"]), images.open_image(GOLDEN / r["mask"]), tiny, options,
+                     callback=lambda i, t, z, *_: latents.append(z[0]))
     assert (torch.stack(latents) - expected[f"{run}.latents"]).abs().max() <= 1e-3
     image = np.asarray(result, dtype=np.int16)
     assert image.shape == tuple(expected[f"{run}.image_uint8"].shape)

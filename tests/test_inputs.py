@@ -1,5 +1,5 @@
-"""Awkward but valid pictures, and a fuzz test of the input loader."""
-import io
+"""Awkward but valid pictures, a fuzz test of the input loader, and the checks of the options."""
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import GOLDEN
-from ldm_min import InputError, NonFiniteError, images, inpaint
+from ldm_min import InputError, NonFiniteError, Options, images, inpaint
+
+GOLDEN = Path(__file__).parent / "golden"
 
 HOLE = np.zeros((24, 40), bool)
 HOLE[8:16, 8:24] = True
@@ -21,8 +22,14 @@ def saved(image, name, tmp_path, **kwargs):
     return images.open_image(path)
 
 
-def hole_of(mask):
-    return np.asarray(mask) == 255
+def hole_of(hole):
+    """The (1, 1, H, W) hole tensor of images.prepare as an (H, W) boolean array."""
+    return hole[0, 0].numpy() == 1
+
+
+def grey_levels(x):
+    """The (1, 3, H, W) image tensor of images.prepare back in 0..255, (H, W, 3)."""
+    return ((x[0] + 1) * 127.5).round().permute(1, 2, 0).numpy()
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "LA", "1"])
@@ -31,28 +38,28 @@ def test_any_image_mode_becomes_rgb(tmp_path, mode):
     image = rgb.convert("L").convert(mode) if mode in ("I;16", "LA", "1") else rgb.convert(mode)
     ext = "tiff" if mode == "CMYK" else "png"
     mask = Image.fromarray(HOLE.astype(np.uint8) * 255)
-    image, mask = images.prepare(saved(image, f"x.{ext}", tmp_path), mask)
-    assert image.mode == "RGB" and image.size == (40, 24) and np.array_equal(hole_of(mask), HOLE)
+    x, hole = images.prepare(saved(image, f"x.{ext}", tmp_path), mask)
+    assert x.shape == (1, 3, 24, 40) and np.array_equal(hole_of(hole), HOLE)
 
 
 def test_16_bit_grey_is_scaled_not_clipped(tmp_path):
     grey16 = Image.fromarray(np.full((24, 40), 32896, np.uint16))  # 32896 / 257 = 128
-    image, _ = images.prepare(saved(grey16, "g.png", tmp_path), Image.fromarray(HOLE.astype(np.uint8) * 255))
-    assert np.asarray(image)[0, 0].tolist() == [128, 128, 128]
+    x, _ = images.prepare(saved(grey16, "g.png", tmp_path), Image.fromarray(HOLE.astype(np.uint8) * 255))
+    assert grey_levels(x)[0, 0].tolist() == [128, 128, 128]
 
 
 def test_antialiased_mask_is_binarised_at_128():
     values = np.where(HOLE, 128, 127).astype(np.uint8)
-    _, mask = images.prepare(Image.new("RGB", (40, 24)), Image.fromarray(values))
-    assert np.array_equal(hole_of(mask), HOLE)
+    _, hole = images.prepare(Image.new("RGB", (40, 24)), Image.fromarray(values))
+    assert np.array_equal(hole_of(hole), HOLE)
 
 
 def test_transparent_mask_pixels_are_known():
     rgba = np.zeros((24, 40, 4), np.uint8)
     rgba[..., :3] = 255  # white everywhere ...
     rgba[..., 3] = np.where(HOLE, 255, 0)  # ... but opaque only in the hole
-    _, mask = images.prepare(Image.new("RGB", (40, 24)), Image.fromarray(rgba, "RGBA"))
-    assert np.array_equal(hole_of(mask), HOLE)
+    _, hole = images.prepare(Image.new("RGB", (40, 24)), Image.fromarray(rgba, "RGBA"))
+    assert np.array_equal(hole_of(hole), HOLE)
 
 
 def test_exif_rotation_turns_image_and_mask_alike(tmp_path):
@@ -62,9 +69,9 @@ def test_exif_rotation_turns_image_and_mask_alike(tmp_path):
     pixels[HOLE] = 255  # the image is white exactly where the mask marks the hole
     image = saved(Image.fromarray(pixels), "i.png", tmp_path, exif=exif)
     mask = saved(Image.fromarray(HOLE.astype(np.uint8) * 255), "m.png", tmp_path, exif=exif)
-    image, mask = images.prepare(image, mask)
-    assert image.size == mask.size == (24, 40)  # upright: portrait
-    assert np.array_equal(np.asarray(image)[..., 0] == 255, hole_of(mask))
+    x, hole = images.prepare(image, mask)
+    assert x.shape[-2:] == hole.shape[-2:] == (40, 24)  # upright: portrait
+    assert np.array_equal(grey_levels(x)[..., 0] == 255, hole_of(hole))
 
 
 def test_long_prompt_is_truncated_with_a_warning(tiny):
@@ -76,7 +83,8 @@ def test_long_prompt_is_truncated_with_a_warning(tiny):
 def test_non_finite_sampling_stops_with_a_hint(tiny, monkeypatch):
     monkeypatch.setattr(tiny.vae, "decode", lambda z: torch.full((1, 3, 128, 128), float("inf")))
     with pytest.raises(NonFiniteError, match="float32"):
-        inpaint(Image.open(GOLDEN / "astronaut128.png"), Image.open(GOLDEN / "astronaut128_mask.png"), tiny, steps=1)
+        inpaint(Image.open(GOLDEN / "astronaut128.png"), Image.open(GOLDEN / "astronaut128_mask.png"), tiny,
+                Options(steps=1))
 
 
 @settings(max_examples=150, deadline=None)
@@ -99,10 +107,29 @@ def test_random_small_pictures_prepare_or_raise_input_error(w, h, mw, mh, mode, 
     image = Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).convert(mode)
     mask = Image.fromarray(rng.integers(0, 256, (mh, mw), dtype=np.uint8)).convert(mask_mode)
     try:
-        image, mask = images.prepare(image, mask, invert)
+        x, hole = images.prepare(image, mask, invert)
     except InputError:
         return
-    assert image.mode == "RGB" and image.size == mask.size and min(image.size) >= 8 and hole_of(mask).any()
-    x8, hole8 = images.pad_to_8(images.to_tensor(image), images.to_hole(mask))
+    assert x.shape[:2] == (1, 3) and x.shape[-2:] == hole.shape[-2:] and min(x.shape[-2:]) >= 8
+    assert hole_of(hole).any() and set(hole.unique().tolist()) <= {0.0, 1.0}
+    x8, hole8 = images.pad_to_8(x, hole)
     assert x8.shape[-1] % 8 == 0 and x8.shape[-2] % 8 == 0 and x8.abs().max() <= 1
     assert images.latent_known_mask(hole8, 2).shape[-2:] == (x8.shape[-2] // 8, x8.shape[-1] // 8)
+
+
+@pytest.mark.parametrize("bad, message", [({"steps": 0}, "steps must be between 1 and 1000"),
+                                          ({"steps": 1001}, "steps must be between 1 and 1000"),
+                                          ({"eta": -0.1}, "eta must be >= 0"),
+                                          ({"dilate": -1}, "mask dilation must be >= 0"),
+                                          ({"feather": -2}, "feather must be >= 0")])
+def test_out_of_range_options_are_refused_when_made(bad, message):
+    with pytest.raises(InputError, match=message):
+        Options(**bad)
+
+
+def test_invert_mask_is_applied_once(tiny):
+    image, mask = Image.open(GOLDEN / "astronaut128.png"), Image.open(GOLDEN / "astronaut128_mask.png").convert("L")
+    inverted = Image.fromarray(255 - np.asarray(mask))
+    results = [inpaint(image, m, tiny, Options(steps=2, invert_mask=invert)) for m, invert in
+               ((mask, False), (inverted, True))]
+    assert np.array_equal(*map(np.asarray, results))

@@ -2,7 +2,6 @@
 pictures of the expected sizes; its prose cites equations (1)-(6) and lines 1-8 of Algorithm 1;
 it is committed with its outputs cleared. No Jupyter needed: the .ipynb is plain JSON."""
 import json
-import os
 import re
 from pathlib import Path
 
@@ -74,7 +73,7 @@ def test_runs_and_draws_expected_sizes(ns):
     # The run itself: one callback per step, the latent shapes of a 128x128 photo, and inpaint()
     # reproducing the step-by-step result exactly on the CPU.
     assert len(ns["trace"]) == steps == 5 and shown == 5
-    assert [t for _, t, _, _ in ns["trace"]] == ns["schedule"].timesteps(steps)
+    assert [t for _, t, _, _ in ns["trace"]] == [t for t, _ in ns["schedule"].timesteps(steps)]
     assert tuple(ns["trace"][0][2].shape) == (1, 4, h // 8, w // 8)
     assert len(ns["shown"]) == shown and ns["shown"][0] == 0 and ns["shown"][-1] == steps - 1
     assert tuple(ns["x0"].shape) == (1, 3, h, w)

@@ -3,14 +3,17 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, TINY
 from ldm_min import WeightsError
 from weights import hub_patterns, load_models
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "golden" / "tiny-sd"
 
 UNET, VAE, TEXT = "unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder/model"
 
@@ -157,7 +160,7 @@ def test_hub_download_asks_only_for_the_files_it_reads():
             "text_encoder/config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
             "scheduler/scheduler_config.json", "feature_extractor/preprocessor_config.json"]
     wanted = {f for f in repo if any(fnmatch.fnmatch(f, p) for p in hub_patterns(".fp16"))}
-    assert wanted == {"model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+    assert wanted == {"unet/config.json", "vae/config.json", "text_encoder/config.json",
                       "tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json",
                       "unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
                       "text_encoder/model.fp16.safetensors"}

@@ -1,0 +1,28 @@
+"""The settings of one inpainting run: the paper's defaults, defined and checked here only.
+
+The command line, the API and the benchmark all take their defaults from `Options`.
+"""
+from dataclasses import dataclass
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class Options:
+    prompt: str = ""           # the paper: no prompt
+    guidance: float = 7.5      # classifier-free guidance scale g, used only with a prompt (SD's usual value)
+    steps: int = 30            # T, DDIM steps (the paper: 30)
+    eta: float = 0.85          # DDIM eta of eq. 2 (the paper: 0.85)
+    seed: int = 0
+    dilate: int = 2            # latent pixels the hole grows by (the paper: 2)
+    invert_mask: bool = False  # black marks the hole instead of white
+    paste_back: bool = False   # put the known pixels back over D(z_0); off: the output is the paper's
+    feather: int = 0           # with paste_back: blend over this many pixels
+
+    def __post_init__(self):
+        """Refuse out-of-range settings when they are made, before any work is done."""
+        if not 1 <= self.steps <= 1000:
+            raise InputError(f"steps must be between 1 and 1000, got {self.steps}")
+        for name, value in (("eta", self.eta), ("mask dilation", self.dilate), ("feather", self.feather)):
+            if value < 0:
+                raise InputError(f"{name} must be >= 0, got {value}")
