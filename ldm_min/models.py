@@ -26,8 +26,8 @@ def available_memory(device):
 class Models:
     unet: UNet
     vae: VAE
-    text_encoder: "transformers.CLIPTextModel"  # named, not imported: `import ldm_min` stays quick
-    tokenizer: "transformers.CLIPTokenizer"
+    text_encoder: torch.nn.Module  # transformers' CLIPTextModel, not imported: `import ldm_min` stays quick
+    tokenizer: object              # transformers' CLIPTokenizer
     schedule: Schedule
     device: torch.device  # where every part's weights are
     dtype: torch.dtype    # and their dtype: the compute dtype of the models, not of the sampler
