@@ -27,6 +27,7 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv):
     from ldm_min import Options
+    from ldm_min.images import LATENT_MASK_RULES
 
     default = Options()  # the paper's settings, defined there only
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,6 +43,10 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=default.seed, help="random seed (default %(default)s)")
     p.add_argument("--mask-dilate", dest="dilate", type=int, default=default.dilate,
                    help="grow the latent hole by this many latent pixels (default %(default)s)")
+    p.add_argument("--latent-mask", choices=LATENT_MASK_RULES, default=default.latent_mask,
+                   help="how the hole reaches the 8x smaller latent: nearest, the paper's, samples one pixel "
+                        "per 8x8 cell and can miss thin strokes; cover takes every cell the hole touches "
+                        "(default %(default)s)")
     p.add_argument("--invert-mask", action="store_true", help="black marks the pixels to paint")
     p.add_argument("--paste-back", action="store_true", help="put the original known pixels back over the result")
     p.add_argument("--feather", type=int, default=default.feather,
@@ -109,7 +114,7 @@ def main(argv=None):
 
     if args.quiet:
         warnings.simplefilter("ignore")
-    warnings.formatwarning = lambda message, *_: f"warning: {message}\n"
+    warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)  # one line, no source
     start = time.perf_counter()
     # Every option and input is checked before the weights load, so a mistake costs no wait
     # (load_models checks --device and --dtype before it reads a file).

@@ -3,6 +3,8 @@
 The README's Conventions: any image mode becomes RGB in [-1, 1]; a mask pixel is a hole
 (to be painted) where its grey value is >= 128; EXIF orientation is applied to both files.
 """
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -75,11 +77,34 @@ def pad_to_8(x, hole):
     return F.pad(x, (0, pw, 0, ph), mode="reflect"), F.pad(hole, (0, pw, 0, ph))
 
 
-def latent_known_mask(hole, dilate):
-    """M_l: the hole sampled at pixel (8i, 8j), grown by `dilate` latent pixels; 1 = known."""
-    hole_l = F.interpolate(hole, (hole.shape[-2] // 8, hole.shape[-1] // 8), mode="nearest")
+LATENT_MASK_RULES = ("nearest", "cover")
+
+
+def latent_known_mask(hole, dilate, rule):
+    """M_l, 1 = known, from the pixel hole (sides multiples of 8). Each latent pixel stands for an
+    8x8 cell of pixels; it is a hole, by rule `nearest` (the paper's), where the cell's top-left
+    pixel (8i, 8j) is, or by rule `cover` where any pixel of the cell is. Then the hole grows by
+    `dilate` latent pixels. `nearest` can miss strokes thinner than a cell; `cover` cannot."""
+    if rule == "nearest":
+        hole_l = F.interpolate(hole, (hole.shape[-2] // 8, hole.shape[-1] // 8), mode="nearest")
+    else:
+        hole_l = F.max_pool2d(hole, 8)
     hole_l = F.max_pool2d(hole_l, 2 * dilate + 1, stride=1, padding=dilate)
     return 1 - hole_l
+
+
+def check_latent_hole(hole, M_l):
+    """Warn about what the latent mask will not do: repaint hole pixels that fall outside the latent
+    hole, or keep anything when no latent pixel is known (then sampling is unconditional)."""
+    missed = int((hole * F.interpolate(M_l, scale_factor=8, mode="nearest")).sum())
+    if missed:
+        total = int(hole.sum())
+        share = f"{missed / total:.0%}" if missed / total >= 0.01 else "<1%"
+        warnings.warn(f"{missed} of {total} hole pixels ({share}) fall between the 8-pixel latent grid and will not "
+                      f"be repainted; use --latent-mask cover (API: Options(latent_mask=\"cover\"))")
+    if not M_l.any():
+        warnings.warn("the hole covers the whole latent image: nothing of the picture is kept, so this is "
+                      "unconditional generation (text-to-image with --prompt)")
 
 
 def paste_back(result, x, hole, feather=0):

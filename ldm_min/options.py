@@ -5,6 +5,7 @@ The command line, the API and the benchmark all take their defaults from `Option
 from dataclasses import dataclass
 
 from .errors import InputError
+from .images import LATENT_MASK_RULES
 
 
 @dataclass(frozen=True)
@@ -15,6 +16,7 @@ class Options:
     eta: float = 0.85          # DDIM eta of eq. 2 (the paper: 0.85)
     seed: int = 0
     dilate: int = 2            # latent pixels the hole grows by (the paper: 2)
+    latent_mask: str = "nearest"  # how a pixel hole becomes a latent one: the paper's rule, or "cover"
     invert_mask: bool = False  # black marks the hole instead of white
     paste_back: bool = False   # put the known pixels back over D(z_0); off: the output is the paper's
     feather: int = 0           # with paste_back: blend over this many pixels
@@ -26,3 +28,5 @@ class Options:
         for name, value in (("eta", self.eta), ("mask dilation", self.dilate), ("feather", self.feather)):
             if value < 0:
                 raise InputError(f"{name} must be >= 0, got {value}")
+        if self.latent_mask not in LATENT_MASK_RULES:
+            raise InputError(f"latent mask rule must be nearest or cover, got {self.latent_mask!r}")

@@ -15,7 +15,10 @@ def sample(eps_theta, Ey, M_l, D, schedule, *, T, eta, seed, callback=None):
     """Algorithm 1: inpaint in latent space and decode.
 
     eps_theta(z_t, t): the noise prediction. Ey: E(y), the scaled posterior mean of the known
-    image, (1, 4, h, w). M_l: the latent mask, 1 where the latent is known (README, Conventions).
+    image, (1, 4, h, w). M_l: the latent mask, 1 where the latent is known (README, Conventions;
+    `images.latent_known_mask`: the paper's rule `nearest` samples the pixel hole at (8i, 8j), and
+    misses strokes thinner than 8 pixels; `cover` makes every latent pixel whose 8x8 cell holds a
+    hole pixel a hole, for thin or scribbled masks).
     D: the decoder. schedule: abar_t, the timesteps and sigma_t (`schedule.Schedule`). Returns
     x_0 = D(z_0). callback(i, t, z_prev, z0, z0_hat), if given, sees every step.
     """
@@ -78,7 +81,8 @@ def inpaint_tensors(x, hole, models, options, callback=None):
     models.check_memory(*x8.shape[-2:])
     y = x8 * (1 - hole8)                                              # y = M_p * x: holes at 0, mid-grey
     Ey = models.vae.encode(y.to(models.dtype)).float()                # E(y), computed once
-    M_l = images.latent_known_mask(hole8, options.dilate)
+    M_l = images.latent_known_mask(hole8, options.dilate, options.latent_mask)
+    images.check_latent_hole(hole8, M_l)
     D = lambda z: models.vae.decode(z.to(models.dtype)).float()
     x0 = sample(eps_model(models, options.prompt, options.guidance), Ey, M_l, D, models.schedule,
                 T=options.steps, eta=options.eta, seed=options.seed, callback=callback)

@@ -101,10 +101,22 @@ def test_odd_image_size_comes_back_at_its_size(capsys):
     assert Image.open("odd_inpainted.png").size == (100, 76)
 
 
-def test_whole_image_hole_is_allowed(capsys):
+def test_whole_image_hole_is_allowed_and_said_to_be_unconditional(capsys):
     Image.new("L", (128, 128), 255).save("all.png")
-    assert cli(capsys, IMAGE, "all.png", "-o", "out.png")[0] == 0
-    assert Image.open("out.png").size == (128, 128)
+    status, err = cli(capsys, IMAGE, "all.png", "-o", "out.png")
+    assert status == 0 and Image.open("out.png").size == (128, 128)
+    assert err.count("unconditional generation") == 1
+
+
+def test_thin_strokes_are_one_warning_line_and_cover_paints_them(capsys):
+    stroke = np.zeros((128, 128), np.uint8)
+    stroke[:, 3] = 255
+    Image.fromarray(stroke).save("stroke.png")
+    status, err = cli(capsys, IMAGE, "stroke.png", "-o", "nearest.png")
+    assert status == 0 and "warning: 128 of 128 hole pixels (100%) fall between the 8-pixel latent grid" in err
+    status, err = cli(capsys, IMAGE, "stroke.png", "-o", "cover.png", "--latent-mask", "cover")
+    assert status == 0 and "warning" not in err
+    assert not np.array_equal(pixels("nearest.png"), pixels("cover.png"))
 
 
 def write(name, make):
@@ -129,6 +141,7 @@ BAD = {
     "negative eta": (lambda: [IMAGE, MASK, "--eta", "-0.5"], r"eta must be >= 0"),
     "negative dilation": (lambda: [IMAGE, MASK, "--mask-dilate", "-1"], r"dilation must be >= 0"),
     "negative feather": (lambda: [IMAGE, MASK, "--paste-back", "--feather", "-2"], r"feather must be >= 0"),
+    "unknown latent mask rule": (lambda: [IMAGE, MASK, "--latent-mask", "any"], r"invalid choice: 'any'"),
     "unknown device": (lambda: [IMAGE, MASK, "--device", "tpu"], r"unknown device 'tpu'"),
     "unknown dtype": (lambda: [IMAGE, MASK, "--dtype", "int8"], r"unknown dtype 'int8'"),
     "float16 on cpu": (lambda: [IMAGE, MASK, "--device", "cpu", "--dtype", "float16"], r"bfloat16"),

@@ -50,9 +50,11 @@ def test_image_and_mask_load_as_the_golden_tensors(expected):
 @pytest.mark.parametrize("dilate", [2, 0])
 def test_latent_mask_matches_golden(expected, dilate):
     hole = expected["mask.in.hole"]
-    assert torch.equal(images.latent_known_mask(hole, dilate), expected[f"mask.out.latent_known_dilate{dilate}"])
+    assert torch.equal(images.latent_known_mask(hole, dilate, "nearest"),
+                       expected[f"mask.out.latent_known_dilate{dilate}"])
 
 
+@pytest.mark.filterwarnings("ignore:63 of 1334 hole pixels")  # run_c's thin stroke: the paper's rule misses some
 @pytest.mark.parametrize("run", ["run_a", "run_b", "run_c"])
 def test_inpaint_reproduces_golden_run(tiny, expected, runs, run):
     r = runs[run]

@@ -114,7 +114,8 @@ def test_random_small_pictures_prepare_or_raise_input_error(w, h, mw, mh, mode, 
     assert hole_of(hole).any() and set(hole.unique().tolist()) <= {0.0, 1.0}
     x8, hole8 = images.pad_to_8(x, hole)
     assert x8.shape[-1] % 8 == 0 and x8.shape[-2] % 8 == 0 and x8.abs().max() <= 1
-    assert images.latent_known_mask(hole8, 2).shape[-2:] == (x8.shape[-2] // 8, x8.shape[-1] // 8)
+    for rule in ("nearest", "cover"):
+        assert images.latent_known_mask(hole8, 2, rule).shape[-2:] == (x8.shape[-2] // 8, x8.shape[-1] // 8)
 
 
 @pytest.mark.parametrize("bad, message", [({"steps": 0}, "steps must be between 1 and 1000"),

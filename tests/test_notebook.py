@@ -59,7 +59,7 @@ def test_runs_and_draws_expected_sizes(ns):
         "forward": sheet_size(ns, len(ns["forward_ts"]), 2, panel),
         "eq3": sheet_size(ns, 3, 1, panel),
         "eq4": sheet_size(ns, 3, 1, panel),
-        "masks": sheet_size(ns, 3, 1, (w * mask_zoom, h * mask_zoom)),  # 128 is a multiple of 8: no padding
+        "masks": sheet_size(ns, 4, 1, (w * mask_zoom, h * mask_zoom)),  # 128 is a multiple of 8: no padding
         "Ey": sheet_size(ns, 3 + 4, 1, panel),  # y, D(E(y)), D(M_l E(y)), 4 latent channels
         "steps": sheet_size(ns, shown, 2, panel),
         "result": sheet_size(ns, 5, 1, panel),
