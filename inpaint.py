@@ -28,6 +28,7 @@ class Parser(argparse.ArgumentParser):
 def parse_args(argv):
     from ldm_min import Options
     from ldm_min.images import LATENT_MASK_RULES
+    from ldm_min.region import FULL_UP_TO, MODEL_SIDE
 
     default = Options()  # the paper's settings, defined there only
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,6 +47,13 @@ def parse_args(argv):
     p.add_argument("--latent-mask", choices=LATENT_MASK_RULES, default=default.latent_mask,
                    help="how the hole reaches the 8x smaller latent: nearest, the paper's, samples one pixel "
                         "per 8x8 cell and can miss thin strokes; cover takes every cell the hole touches "
+                        "(default %(default)s)")
+    p.add_argument("--region", choices=("auto", "full"), default=default.region,
+                   help=f"auto: an image over {FULL_UP_TO} px a side is inpainted in a crop around the hole, at the "
+                        f"model's {MODEL_SIDE} px scale, and every other pixel is kept; full: the whole image, as in "
+                        f"the paper (default %(default)s)")
+    p.add_argument("--region-margin", type=int, default=default.region_margin,
+                   help="with --region auto: pixels of context around the hole, at the model's scale "
                         "(default %(default)s)")
     p.add_argument("--invert-mask", action="store_true", help="black marks the pixels to paint")
     p.add_argument("--paste-back", action="store_true", help="put the original known pixels back over the result")
@@ -108,7 +116,7 @@ def progress(steps, quiet):
 
 def main(argv=None):
     args = parse_args(argv)
-    from ldm_min import Options, images
+    from ldm_min import Options, images, region
     from ldm_min.sample import inpaint_tensors
     from weights import load_models
 
@@ -121,13 +129,15 @@ def main(argv=None):
     options = Options(**{field.name: getattr(args, field.name) for field in fields(Options)})
     out = output_path(args)
     x, hole = images.prepare(images.open_image(args.image), images.open_image(args.mask, "mask"), options.invert_mask)
+    box = region.box_for(hole, options)  # for the summary line; inpaint_tensors makes the same choice
     models = load_models(args.weights, args.device, args.dtype, args.compile)
     result = inpaint_tensors(x, hole, models, options, progress(options.steps, args.quiet))
     save_atomically(images.to_pil(result), out)
     if not args.quiet:
         dtype = str(models.dtype).removeprefix("torch.")
+        where = f"{box}, " if box else ""
         print(f"seed {options.seed}, {options.steps} steps, eta {options.eta}, {models.device.type} {dtype}, "
-              f"{time.perf_counter() - start:.1f} s -> {out}", file=sys.stderr)
+              f"{where}{time.perf_counter() - start:.1f} s -> {out}", file=sys.stderr)
 
 
 def run(argv=None):

@@ -62,12 +62,12 @@ def prepare(image, mask, invert_mask=False):
 
 def to_tensor(image):
     """PIL RGB -> (1, 3, H, W) float32 in [-1, 1]."""
-    return torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+    return torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None].div_(127.5).sub_(1)
 
 
 def to_pil(x):
     """(1, 3, H, W) in [-1, 1] -> PIL RGB: clamp, round((x + 1) * 127.5)."""
-    x = ((x[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    x = x[0].clamp(-1, 1).add_(1).mul_(127.5).round_().to(torch.uint8)  # one float copy: a big photo is big
     return Image.fromarray(x.permute(1, 2, 0).cpu().numpy())
 
 

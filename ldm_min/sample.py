@@ -3,9 +3,11 @@
 Equation and line numbers are the paper's (the README's equation map lists them). The sampler's
 own arithmetic is float32 whatever the models' dtype.
 """
+from dataclasses import replace
+
 import torch
 
-from . import images
+from . import images, region
 from .errors import NonFiniteError
 from .options import Options
 
@@ -75,7 +77,12 @@ def inpaint(image, mask, models, options=Options(), callback=None):
 @torch.no_grad()
 def inpaint_tensors(x, hole, models, options, callback=None):
     """`inpaint()` on the tensors of `images.prepare()`: x (1, 3, H, W) in [-1, 1], hole
-    (1, 1, H, W), 1 = paint here. Returns the result, (1, 3, H, W) in [-1, 1]."""
+    (1, 1, H, W), 1 = paint here. Returns the result, (1, 3, H, W) in [-1, 1]. A big image is
+    inpainted in a crop around the hole (`region.box_for`), at the model's scale."""
+    box = region.box_for(hole, options)
+    if box:
+        whole = replace(options, region="full", paste_back=False)  # the crop itself, blended over the hole after
+        return region.inpaint_crop(x, hole, box, lambda x, hole: inpaint_tensors(x, hole, models, whole, callback))
     x, hole = x.to(models.device), hole.to(models.device)
     x8, hole8 = images.pad_to_8(x, hole)
     models.check_memory(*x8.shape[-2:])

@@ -108,6 +108,22 @@ def test_whole_image_hole_is_allowed_and_said_to_be_unconditional(capsys):
     assert err.count("unconditional generation") == 1
 
 
+def test_a_big_photo_says_which_region_was_inpainted(capsys):
+    Image.open(IMAGE).resize((1000, 800)).save("big.png")
+    mask = Image.new("L", (1000, 800))
+    mask.paste(255, (600, 300, 640, 340))
+    mask.save("big_mask.png")
+    status, err = cli(capsys, "big.png", "big_mask.png", "--steps", "1")
+    assert status == 0 and "region 512x512 at (364, 64), scaled 1.00x" in err
+    assert Image.open("big_inpainted.png").size == (1000, 800)
+
+
+def test_region_full_and_auto_write_the_same_file_for_a_small_image(capsys):
+    cli(capsys, IMAGE, MASK, "-o", "auto.png")
+    cli(capsys, IMAGE, MASK, "-o", "full.png", "--region", "full")
+    assert open("auto.png", "rb").read() == open("full.png", "rb").read()
+
+
 def test_thin_strokes_are_one_warning_line_and_cover_paints_them(capsys):
     stroke = np.zeros((128, 128), np.uint8)
     stroke[:, 3] = 255
@@ -142,6 +158,7 @@ BAD = {
     "negative dilation": (lambda: [IMAGE, MASK, "--mask-dilate", "-1"], r"dilation must be >= 0"),
     "negative feather": (lambda: [IMAGE, MASK, "--paste-back", "--feather", "-2"], r"feather must be >= 0"),
     "unknown latent mask rule": (lambda: [IMAGE, MASK, "--latent-mask", "any"], r"invalid choice: 'any'"),
+    "region margin too wide": (lambda: [IMAGE, MASK, "--region-margin", "300"], r"region margin must be between"),
     "unknown device": (lambda: [IMAGE, MASK, "--device", "tpu"], r"unknown device 'tpu'"),
     "unknown dtype": (lambda: [IMAGE, MASK, "--dtype", "int8"], r"unknown dtype 'int8'"),
     "float16 on cpu": (lambda: [IMAGE, MASK, "--device", "cpu", "--dtype", "float16"], r"bfloat16"),
