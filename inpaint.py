@@ -28,7 +28,7 @@ class Parser(argparse.ArgumentParser):
 def parse_args(argv):
     from ldm_min import Options
     from ldm_min.images import LATENT_MASK_RULES
-    from ldm_min.region import FULL_UP_TO, MODEL_SIDE
+    from ldm_min.region import FULL_UP_TO, MODEL_SIDE, REGIONS
 
     default = Options()  # the paper's settings, defined there only
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,7 +48,7 @@ def parse_args(argv):
                    help="how the hole reaches the 8x smaller latent: nearest, the paper's, samples one pixel "
                         "per 8x8 cell and can miss thin strokes; cover takes every cell the hole touches "
                         "(default %(default)s)")
-    p.add_argument("--region", choices=("auto", "full"), default=default.region,
+    p.add_argument("--region", choices=REGIONS, default=default.region,
                    help=f"auto: an image over {FULL_UP_TO} px a side is inpainted in a crop around the hole, at the "
                         f"model's {MODEL_SIDE} px scale, and every other pixel is kept; full: the whole image, as in "
                         f"the paper (default %(default)s)")

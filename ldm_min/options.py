@@ -6,23 +6,23 @@ from dataclasses import dataclass
 
 from .errors import InputError
 from .images import LATENT_MASK_RULES
-from .region import MODEL_SIDE
+from .region import MODEL_SIDE, REGIONS
 
 
 @dataclass(frozen=True)
 class Options:
-    prompt: str = ""           # the paper: no prompt
-    guidance: float = 7.5      # classifier-free guidance scale g, used only with a prompt (SD's usual value)
-    steps: int = 30            # T, DDIM steps (the paper: 30)
-    eta: float = 0.85          # DDIM eta of eq. 2 (the paper: 0.85)
+    prompt: str = ""              # the paper: no prompt
+    guidance: float = 7.5         # classifier-free guidance scale g, used only with a prompt (SD's usual value)
+    steps: int = 30               # T, DDIM steps (the paper: 30)
+    eta: float = 0.85             # DDIM eta of eq. 2 (the paper: 0.85)
     seed: int = 0
-    dilate: int = 2            # latent pixels the hole grows by (the paper: 2)
-    latent_mask: str = "nearest"  # how a pixel hole becomes a latent one: the paper's rule, or "cover"
-    invert_mask: bool = False  # black marks the hole instead of white
-    paste_back: bool = False   # put the known pixels back over D(z_0); off: the output is the paper's
-    feather: int = 0           # with paste_back: blend over this many pixels
-    region: str = "auto"       # "full": the whole image, as the paper; "auto": a crop around the hole of big images
-    region_margin: int = 128   # pixels of context around the hole in that crop, at the model's scale
+    dilate: int = 2               # latent pixels the hole grows by (the paper: 2)
+    latent_mask: str = "nearest"  # how the pixel hole becomes a latent one: the paper's rule, or "cover"
+    invert_mask: bool = False     # black marks the hole instead of white
+    paste_back: bool = False      # put the known pixels back over D(z_0); off: the output is the paper's
+    feather: int = 0              # with paste_back: blend over this many pixels
+    region: str = "auto"          # "full": the whole image, as the paper; "auto": a crop around the hole of big images
+    region_margin: int = 128      # pixels of context around the hole in that crop, at the model's scale
 
     def __post_init__(self):
         """Refuse out-of-range settings when they are made, before any work is done."""
@@ -33,7 +33,7 @@ class Options:
                 raise InputError(f"{name} must be >= 0, got {value}")
         if self.latent_mask not in LATENT_MASK_RULES:
             raise InputError(f"latent mask rule must be nearest or cover, got {self.latent_mask!r}")
-        if self.region not in ("auto", "full"):
+        if self.region not in REGIONS:
             raise InputError(f"region must be auto or full, got {self.region!r}")
         if not 0 <= self.region_margin < MODEL_SIDE // 2:
             raise InputError(f"region margin must be between 0 and {MODEL_SIDE // 2 - 1}, got {self.region_margin}")

@@ -14,6 +14,7 @@ from PIL import Image
 
 from . import images
 
+REGIONS = ("auto", "full")
 MODEL_SIDE = 512   # the training resolution of SD v1 (and the paper's crop size)
 FULL_UP_TO = 768   # --region auto inpaints images up to this many pixels a side whole, as the paper does
 FEATHER = 8        # model-scale pixels (one latent cell) over which the result blends into the photo
