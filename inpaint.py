@@ -9,7 +9,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from PIL import Image
@@ -35,7 +35,11 @@ def parse_args(argv):
     p.add_argument("image", help="the picture to complete (any format Pillow reads)")
     p.add_argument("mask", help="same size as IMAGE; white (>= 128) marks the pixels to paint")
     p.add_argument("-o", "--output", help="output file (default: <image stem>_inpainted.png here)")
-    p.add_argument("--prompt", default=default.prompt, help="text to steer the fill (default: none, as in the paper)")
+    p.add_argument("--prompt", default=default.prompt,
+                   help="text to steer the fill (default: none, as in the paper); auto: a BLIP caption of the "
+                        "masked image, printed first")
+    p.add_argument("--captioner", help="with --prompt auto: a BLIP captioner's folder or hub repo id "
+                                       "(default: Salesforce/blip-image-captioning-large)")
     p.add_argument("--steps", type=int, default=default.steps, help="DDIM steps T (default %(default)s)")
     p.add_argument("--eta", type=float, default=default.eta,
                    help="DDIM eta: 0 deterministic, 1 DDPM (default %(default)s)")
@@ -114,6 +118,21 @@ def progress(steps, quiet):
     return show
 
 
+def auto_prompt(x, hole, args):
+    """The caption of the masked image, printed; the captioner is freed before the SD weights load."""
+    import transformers
+
+    from ldm_min.caption import caption_tensors
+    from weights import load_captioner
+
+    transformers.logging.set_verbosity_error()  # its loading chatter is no news to a user
+    transformers.logging.disable_progress_bar()
+    text = caption_tensors(x, hole, load_captioner(args.captioner, args.device, args.dtype))
+    if not args.quiet:
+        print(f"caption: {text}", file=sys.stderr)
+    return text
+
+
 def main(argv=None):
     args = parse_args(argv)
     from ldm_min import Options, images, region
@@ -130,6 +149,8 @@ def main(argv=None):
     out = output_path(args)
     x, hole = images.prepare(images.open_image(args.image), images.open_image(args.mask, "mask"), options.invert_mask)
     box = region.box_for(hole, options)  # for the summary line; inpaint_tensors makes the same choice
+    if options.prompt == "auto":
+        options = replace(options, prompt=auto_prompt(x, hole, args))
     models = load_models(args.weights, args.device, args.dtype, args.compile)
     result = inpaint_tensors(x, hole, models, options, progress(options.steps, args.quiet))
     save_atomically(images.to_pil(result), out)

@@ -79,9 +79,19 @@ def resolve(weights, dtype):
     if path.exists():
         raise WeightsError(f"--weights {weights}: expected a folder in the Stable Diffusion layout (unet/, vae/, "
                            f"text_encoder/, tokenizer/, scheduler/), got a file")
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", weights) or weights.startswith((".", "/", "~")):
+    if not is_repo_id(weights):
         raise WeightsError(f"--weights {weights}: no such folder")
     return download(weights, dtype)
+
+
+def is_repo_id(name):
+    """"owner/name" as the hub spells repo ids, and not a path."""
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not name.startswith((".", "/", "~"))
+
+
+def reason(e):
+    """The first line of an exception, for a one-line message."""
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no details'}"
 
 
 def download(repo, dtype):
@@ -95,9 +105,8 @@ def download(repo, dtype):
                 return folder
         return folder
     except Exception as e:  # network, authorisation, offline mode: all end in the same advice
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsError(
-            f"could not get the weights of {repo} from the hub ({type(e).__name__}: {reason}). Accept the licence "
+            f"could not get the weights of {repo} from the hub ({reason(e)}). Accept the licence "
             f"at https://huggingface.co/{repo}, log in with `hf auth login` (or set HF_TOKEN) and run again with "
             f"network access, or pass --weights PATH to a local copy in the official layout") from None
 
@@ -221,3 +230,36 @@ def assemble(modules, tokenizer, configs, device, dtype, compile=False):
     embeddings.position_ids = torch.arange(embeddings.position_ids.shape[1], device=device)[None]
     models = Models(**modules, tokenizer=tokenizer, schedule=Schedule(configs["scheduler"]), device=device, dtype=dtype)
     return fast.speed_up(models, compile)
+
+
+# The captioner of `--prompt auto`: BLIP, the captioner of the paper's Table 1 ("+ BLIP caption").
+DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-large"
+CAPTIONER_FILES = ["*.json", "vocab.txt", "model.safetensors"]  # configs, tokenizer, weights: no pickles
+
+
+def load_captioner(captioner=None, device="auto", dtype="auto"):
+    """(model, processor) of the BLIP captioner `captioner`: a local folder holding its files, or a
+    hub repo id (default DEFAULT_CAPTIONER), fetched like the SD weights: only the files it reads."""
+    from huggingface_hub import snapshot_download
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    device, dtype = pick_device(device, dtype)
+    name = str(captioner or DEFAULT_CAPTIONER)
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        if not is_repo_id(name):
+            raise WeightsError(f"--captioner {name}: no such folder")
+        try:
+            folder = Path(snapshot_download(name, allow_patterns=CAPTIONER_FILES))
+        except Exception as e:  # network, authorisation, offline mode
+            raise WeightsError(f"could not get the captioner {name} from the hub ({reason(e)}); run again with "
+                               f"network access, or pass --captioner FOLDER holding a local copy") from None
+    if not (folder / "model.safetensors").is_file():
+        raise WeightsError(f"{folder}: no model.safetensors; ldm_min reads safetensors files only (pickle files can "
+                           f"run code when opened)")
+    try:
+        processor = BlipProcessor.from_pretrained(folder)
+        model = BlipForConditionalGeneration.from_pretrained(folder, use_safetensors=True, dtype=dtype)
+    except Exception as e:
+        raise WeightsError(f"{folder}: cannot load a BLIP captioner ({reason(e)})") from None
+    return model.to(device).requires_grad_(False).eval(), processor
