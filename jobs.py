@@ -39,7 +39,7 @@ def start(device_type="cpu"):
     if device_type == "cuda":
         local = int(os.environ["LOCAL_RANK"])
         torch.cuda.set_device(local)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        dist.init_process_group("nccl")
         device = torch.device("cuda", local)
     else:
         dist.init_process_group("gloo")

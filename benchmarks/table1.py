@@ -162,23 +162,21 @@ def settings_of(args, names, device, dtype):
             "options": {k: v for k, v in asdict(Options(steps=args.steps)).items() if k != "seed"}}
 
 
-def check_settings(out, settings, world):
-    """OUT holds this run's settings, or none yet: then rank 0 saves them. Checked before anything is written."""
+def check_settings(out, settings):
+    """OUT holds this run's settings, or none yet. Only reads: checked before anything is written."""
     path = Path(out) / "settings.json"
-    if path.exists():
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise InputError(f"{path}: unreadable ({e}): use another --out") from None
-        flat = lambda d: {**{k: v for k, v in d.items() if k != "options"}, **d.get("options", {})}
-        saved, here = flat(saved), flat(settings)
-        for key in here:
-            if saved.get(key) != here[key]:
-                raise InputError(f"{out} holds another run's outputs (settings.json: {key} {saved.get(key)!r}, here "
-                                 f"{here[key]!r}): use another --out, or the same settings to resume it")
-    elif world.rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        jobs.write_json_atomically(settings, path)
+    if not path.exists():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: unreadable ({e}): use another --out") from None
+    flat = lambda d: {**{k: v for k, v in d.items() if k != "options"}, **d.get("options", {})}
+    saved, here = flat(saved), flat(settings)
+    for key in here:
+        if saved.get(key) != here[key]:
+            raise InputError(f"{out} holds another run's outputs (settings.json: {key} {saved.get(key)!r}, here "
+                             f"{here[key]!r}): use another --out, or the same settings to resume it")
 
 
 # FID with torch-fidelity's InceptionV3: the TensorFlow FID network and its resizing, ported exactly.
@@ -281,11 +279,13 @@ def main(argv=None):
 
 def run_jobs(args, world, device, dtype, out, all_names, names):
     settings = settings_of(args, all_names, device, dtype)
-    check_settings(out, settings, world)
+    check_settings(out, settings)
+    inception = load_inception(device) if world.rank == 0 and not args.no_fid else None  # fail before the work
     if world.rank == 0:
         for folder in ["crops", "masks", *(f"inpainted/hole{s}" for s in args.masks)]:
             (out / folder).mkdir(parents=True, exist_ok=True)
-    inception = load_inception(device) if world.rank == 0 and not args.no_fid else None  # fail before the work
+        if not (out / "settings.json").exists():
+            jobs.write_json_atomically(settings, out / "settings.json")
     layout = Layout(out, all_names)
     jobs.barrier(world)
 
