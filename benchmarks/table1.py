@@ -18,7 +18,7 @@ written atomically and a rerun skips the files already there.
 """
 import argparse
 import hashlib
-import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -179,7 +179,7 @@ def check_settings(out, settings):
                              f"{here[key]!r}): use another --out, or the same settings to resume it")
 
 
-# FID with torch-fidelity's InceptionV3: the TensorFlow FID network and its resizing, ported exactly.
+# FID with torch-fidelity's InceptionV3: a port of the TensorFlow FID network, its resizing included.
 def inception_class():
     """torch-fidelity's FeatureExtractorInceptionV3. Its module needs only torch, but the package's
     __init__ also loads the other metrics, which import torchvision; where torchvision is missing or

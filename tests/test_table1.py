@@ -111,9 +111,11 @@ def test_two_gloo_processes_under_torchrun_write_the_same_bytes(data, reference,
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(ROOT / "benchmarks" / "table1.py"), "--data", str(data), "--out", str(out), *ARGS,
-                          "--no-fid"], capture_output=True, text=True, env=env, timeout=300)
+                          str(ROOT / "benchmarks" / "table1.py"), "--data", str(data), "--out", str(out),
+                          *(a for a in ARGS if a != "--quiet"), "--no-fid"],
+                         capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
+    assert "inpainting 4/4 [" in run.stderr  # rank 0 counts both ranks' jobs
     assert "cpu float32 x2" in (out / "table1.md").read_text()
     assert files(out) == files(reference) and len(files(out)) == 2 + 2 + 4
 
@@ -130,14 +132,34 @@ def test_a_rerun_does_no_work(capsys, data, reference, tmp_path):
     assert "| other | 168x168 | 2 |" in stdout
 
 
-def test_an_interrupted_run_finishes_on_rerun(capsys, data, reference, tmp_path, one_thread):
-    """As a run killed during its last job leaves it: one output missing, a temporary file beside it."""
+def test_limit_takes_the_first_images_in_the_same_out(capsys, data, reference, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    before = mtimes(out)
+    status, stdout, err = harness(capsys, data, out, "--no-fid", "--limit", "1")
+    assert status == 0, err
+    assert "| other | 136x136 | 1 |" in stdout
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items() if p.suffix == ".png")
+
+
+def test_an_interrupted_run_finishes_on_rerun(capsys, data, reference, tmp_path, one_thread, monkeypatch):
+    """The last job is cut by Ctrl-C (after a killed run left a temporary file beside it): the run
+    says so on one line, exit 130, keeps every output; the rerun does that job only."""
     out = tmp_path / "out"
     shutil.copytree(reference, out)
     missing = out / "inpainted" / "hole136" / "0001_b.png"
     missing.unlink()
     (missing.parent / ".0001_b.png.partial.png").write_bytes(b"\x89PNG half")
     before = mtimes(out)
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(table1, "inpaint", ctrl_c)
+        status, _, err = harness(capsys, data, out, "--no-fid")
+    assert status == 130 and err.startswith("interrupted") and err.count("\n") == 1, err
+    assert mtimes(out) == before
     status, _, err = harness(capsys, data, out, "--no-fid")
     assert status == 0, err
     assert files(out) == files(reference)
