@@ -4,9 +4,7 @@
     python inpaint.py photo.png mask.png --prompt "a red boat" -o boat.png
 """
 import argparse
-import os
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import fields, replace
@@ -87,21 +85,6 @@ def output_path(args):
     return out
 
 
-def save_atomically(image, out):
-    """Write to a temporary file beside `out`, then rename: an interrupted run leaves no partial file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format=Image.registered_extensions()[out.suffix.lower()])
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def progress(steps, quiet):
     """A callback for sample(): a one-line progress bar on stderr."""
     start = time.perf_counter()
@@ -136,6 +119,7 @@ def auto_prompt(x, hole, args):
 def main(argv=None):
     args = parse_args(argv)
     from ldm_min import Options, images, region
+    from jobs import save_atomically
     from ldm_min.sample import inpaint_tensors
     from weights import load_models
 

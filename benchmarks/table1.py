@@ -1,0 +1,361 @@
+"""Reproduce the paper's Table 1: FID of centred square holes inpainted with the paper's settings.
+
+    python benchmarks/table1.py --data BSDS500/images/test --dataset bsds500 --out runs/bsds500
+    torchrun --nproc_per_node=8 benchmarks/table1.py --data imagenet/val --list imagenet-1k.txt \\
+        --dataset imagenet --out runs/imagenet
+
+Each image (found recursively under --data, or the ones --list names) is resized so that its short
+side is 512 pixels (Pillow's bicubic filter, which antialiases when it shrinks) and centre-cropped to
+512x512; each crop is inpainted through ldm_min's `inpaint()`, with the paper's settings (`Options`),
+once per centred square hole of --masks pixels. FID (torch-fidelity's Inception features) compares the
+inpainted crops with the original crops, per hole size.
+
+Under OUT: settings.json (a rerun must match it), crops/NNNN_<stem>.png, masks/holeS.png (white is
+the hole), inpainted/holeS/NNNN_<stem>.png, table1.md and table1.json. Job k, numbered image by image
+and, within an image, in the order of --masks (k = n * len(masks) + j for image NNNN = n and the j-th
+size), uses seed `--seed + k`: the result does not depend on how many processes ran it. Every file is
+written atomically and a rerun skips the files already there.
+"""
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import time
+import types
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from anywhere without installing
+import jobs  # noqa: E402
+from ldm_min import InputError, LdmMinError, Options, WeightsError, images, inpaint  # noqa: E402
+from weights import DEFAULT_REPO, load_models, pick_device  # noqa: E402
+
+SIDE = 512  # the crop, the model's native size
+EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+# The paper's Table 1, FID, per dataset and hole side: (DDNM, the paper's proposed method).
+PAPER = {"bsds500": {168: (59.54, 56.57), 136: (43.83, 39.90)},
+         "imagenet": {168: (35.63, 29.43), 136: (22.82, 20.49)},
+         "imagenet-o": {168: (36.80, 29.05), 136: (25.25, 20.40)}}
+DATASET_NAMES = {"bsds500": "BSDS500", "imagenet": "ImageNet-1k", "imagenet-o": "ImageNet-O", "other": "other"}
+
+
+def fail(message, status=2):
+    print(message, file=sys.stderr)
+    sys.exit(status)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        fail(f"error: {message} (see --help)")
+
+
+def mask_sizes(text):
+    try:
+        sizes = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--masks takes sizes in pixels separated by commas, got {text!r}") from None
+    for s in sizes:
+        if not 0 < s < SIDE:
+            raise argparse.ArgumentTypeError(f"a hole must be between 1 and {SIDE - 1} pixels a side, got {s}")
+    if len(set(sizes)) != len(sizes):
+        raise argparse.ArgumentTypeError(f"--masks names a size twice: {text}")
+    return sizes
+
+
+def parse_args(argv):
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="folder of images, searched recursively")
+    p.add_argument("--list", help="text file naming the images to use, one path relative to --data a line")
+    p.add_argument("--dataset", choices=DATASET_NAMES, default="other",
+                   help="which of the paper's sets this is, for its numbers beside ours (default %(default)s)")
+    p.add_argument("--out", required=True, help="output folder; a rerun with the same settings resumes it")
+    p.add_argument("--weights", help="local folder or hub repo id (default: $LDM_MIN_WEIGHTS, else "
+                                     f"{DEFAULT_REPO})")
+    p.add_argument("--limit", type=int, help="only the first N images (sorted by path), for a quick look")
+    p.add_argument("--masks", type=mask_sizes, default=[168, 136], help="hole sides in pixels (default 168,136)")
+    p.add_argument("--steps", type=int, default=Options().steps, help="DDIM steps (default %(default)s, the paper's)")
+    p.add_argument("--seed", type=int, default=0, help="job k uses seed SEED + k (default %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: cuda when available)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (auto: float16 on cuda)")
+    p.add_argument("--no-fid", action="store_true", help="inpaint only: no Inception weights needed")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    args = p.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        p.error(f"--limit must be at least 1, got {args.limit}")
+    return args
+
+
+def find_images(data, list_file, out):
+    """The images of the run, as paths relative to `data`, sorted: every image file under `data`
+    (not under `out`), or those `list_file` names (blank lines and lines starting with # ignored)."""
+    data = Path(data)
+    if not data.is_dir():
+        raise InputError(f"--data {data}: not a folder")
+    if list_file:
+        try:
+            lines = Path(list_file).read_text().splitlines()
+        except OSError as e:
+            raise InputError(f"--list {list_file}: cannot read it ({e.strerror})") from None
+        names = sorted({line.strip() for line in lines if line.strip() and not line.startswith("#")})
+        missing = [n for n in names if not (data / n).is_file()]
+        if missing:
+            raise InputError(f"--list {list_file}: {len(missing)} of {len(names)} files are not under {data}, "
+                             f"e.g. {missing[0]}")
+    else:
+        out = Path(out).resolve()
+        names = sorted(p.relative_to(data).as_posix() for p in data.rglob("*")
+                       if p.suffix.lower() in EXTENSIONS and p.is_file() and out not in p.resolve().parents)
+    if not names:
+        raise InputError(f"no images in {list_file or data} (looked for {', '.join(sorted(EXTENSIONS))})")
+    return names
+
+
+def centre_crop(image):
+    """The protocol's crop: resize so that the short side is 512 (Pillow bicubic), centre 512x512."""
+    image = images.eight_bit(image).convert("RGB")
+    w, h = image.size
+    scale = SIDE / min(w, h)
+    size = (SIDE, max(SIDE, round(h * scale))) if w <= h else (max(SIDE, round(w * scale)), SIDE)
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    left, top = (size[0] - SIDE) // 2, (size[1] - SIDE) // 2
+    return image.crop((left, top, left + SIDE, top + SIDE))
+
+
+def hole_mask(side):
+    """512x512, white (255) on the centred side x side hole, at ((512 - side) // 2, same)."""
+    mask = np.zeros((SIDE, SIDE), np.uint8)
+    a = (SIDE - side) // 2
+    mask[a:a + side, a:a + side] = 255
+    return Image.fromarray(mask)
+
+
+class Layout:
+    """Where each file of a run lives under OUT."""
+
+    def __init__(self, out, names):
+        self.out, self.names = Path(out), names
+
+    def crop(self, n):
+        return self.out / "crops" / f"{n:04d}_{Path(self.names[n]).stem}.png"
+
+    def mask(self, side):
+        return self.out / "masks" / f"hole{side}.png"
+
+    def result(self, n, side):
+        return self.out / "inpainted" / f"hole{side}" / self.crop(n).name
+
+
+def settings_of(args, names, device, dtype):
+    weights = args.weights or os.environ.get("LDM_MIN_WEIGHTS") or DEFAULT_REPO
+    if Path(weights).is_dir():
+        weights = str(Path(weights).resolve())
+    return {"images": len(names), "images_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
+            "masks": args.masks, "seed": args.seed, "weights": weights, "device": device.type,
+            "dtype": str(dtype).removeprefix("torch."),
+            "options": {k: v for k, v in asdict(Options(steps=args.steps)).items() if k != "seed"}}
+
+
+def check_settings(out, settings):
+    """OUT holds this run's settings, or none yet. Only reads: checked before anything is written."""
+    path = Path(out) / "settings.json"
+    if not path.exists():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: unreadable ({e}): use another --out") from None
+    flat = lambda d: {**{k: v for k, v in d.items() if k != "options"}, **d.get("options", {})}
+    saved, here = flat(saved), flat(settings)
+    for key in here:
+        if saved.get(key) != here[key]:
+            raise InputError(f"{out} holds another run's outputs (settings.json: {key} {saved.get(key)!r}, here "
+                             f"{here[key]!r}): use another --out, or the same settings to resume it")
+
+
+# FID with torch-fidelity's InceptionV3: a port of the TensorFlow FID network, its resizing included.
+def inception_class():
+    """torch-fidelity's FeatureExtractorInceptionV3. Its module needs only torch, but the package's
+    __init__ also loads the other metrics, which import torchvision; where torchvision is missing or
+    cannot load (PyPI's CUDA build beside a CPU-only PyTorch), the module is loaded without that __init__."""
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        return FeatureExtractorInceptionV3
+    except ModuleNotFoundError as e:
+        if e.name == "torch_fidelity":
+            raise InputError("FID needs torch-fidelity: pip install -r requirements-eval.txt, or use --no-fid") from None
+    except (ImportError, RuntimeError):  # torchvision, imported by the package's __init__
+        pass
+    spec = importlib.util.find_spec("torch_fidelity")
+    package = types.ModuleType("torch_fidelity")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["torch_fidelity"] = package
+    return importlib.import_module("torch_fidelity.feature_extractor_inceptionv3").FeatureExtractorInceptionV3
+
+
+def inception_weights_file():
+    """Where torch-fidelity keeps its Inception weights: torch hub's cache, $TORCH_HOME/hub/checkpoints."""
+    import torch_fidelity.feature_extractor_inceptionv3 as module  # after inception_class()
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(module.URL_INCEPTION_V3)
+
+
+def load_inception(device):
+    """The Inception network (2048-d pool features) with torch-fidelity's weights file, read from torch
+    hub's cache; one line saying where the file goes when it is not there (nothing is downloaded here, so
+    a machine without network fails at once rather than after the inpainting)."""
+    Inception = inception_class()
+    path = inception_weights_file()
+    if not path.is_file():
+        url = sys.modules[Inception.__module__].URL_INCEPTION_V3
+        raise WeightsError(f"the FID Inception weights are not in {path.parent} (TORCH_HOME moves it): download {url} "
+                           f"there, or use --no-fid")
+    try:
+        model = Inception("inception-v3-compat", ["2048"], str(path))
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError, AttributeError) as e:
+        raise WeightsError(f"the FID Inception weights {path} cannot be loaded: {str(e).splitlines()[0][:120]}") from None
+    return model.to(device)
+
+
+@torch.no_grad()
+def inception_features(model, paths, device, batch=50):
+    """(N, 2048) float64 pool features. The images go in as torch-fidelity takes them: uint8 RGB."""
+    feats = []
+    for i in range(0, len(paths), batch):
+        x = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths[i:i + batch]])
+        feats.append(model(torch.from_numpy(x).permute(0, 3, 1, 2).to(device))[0].cpu())
+    return torch.cat(feats).double().numpy()
+
+
+def statistics(features):
+    """Mean and covariance (normalised by N - 1) of (N, d) features."""
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu_a, cov_a, mu_b, cov_b):
+    """Squared Frechet distance between N(mu_a, cov_a) and N(mu_b, cov_b):
+    |mu_a - mu_b|^2 + tr(cov_a) + tr(cov_b) - 2 tr((cov_a cov_b)^(1/2)). The eigenvalues of cov_a cov_b
+    are those of cov_a^(1/2) cov_b cov_a^(1/2), real and >= 0, so the trace of the root is the sum of
+    their roots (rounding can leave them slightly negative or complex: those parts are dropped)."""
+    eigenvalues = np.linalg.eigvals(cov_a @ cov_b).real.clip(min=0)
+    d = mu_a - mu_b
+    return float(d @ d + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(eigenvalues).sum())
+
+
+def fid(features_a, features_b):
+    return frechet_distance(*statistics(features_a), *statistics(features_b))
+
+
+def table(rows, dataset):
+    """The Markdown table."""
+    head = ("| dataset | hole | images | DDNM (paper) | proposed (paper) | ours | s/image | device |\n"
+            "|---|---|---|---|---|---|---|---|\n")
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)
+    return head + "".join(
+        f"| {DATASET_NAMES[dataset]} | {r['hole']}x{r['hole']} | {r['images']} | {fmt(r['paper_ddnm'], '.2f')} | "
+        f"{fmt(r['paper_proposed'], '.2f')} | {fmt(r['fid'], '.2f')} | {fmt(r['seconds_per_image'], '.2f')} | "
+        f"{r['device']} |\n" for r in rows)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, dtype = pick_device(args.device, args.dtype)  # checked before anything is read or written
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: a file, not a folder")
+    all_names = find_images(args.data, args.list, out)
+    names = all_names[:args.limit] if args.limit else all_names
+    world = jobs.start(device.type)
+    try:
+        run_jobs(args, world, device, dtype, out, all_names, names)
+    finally:
+        jobs.stop(world)
+
+
+def run_jobs(args, world, device, dtype, out, all_names, names):
+    settings = settings_of(args, all_names, device, dtype)
+    check_settings(out, settings)
+    inception = load_inception(device) if world.rank == 0 and not args.no_fid else None  # fail before the work
+    if world.rank == 0:
+        for folder in ["crops", "masks", *(f"inpainted/hole{s}" for s in args.masks)]:
+            (out / folder).mkdir(parents=True, exist_ok=True)
+        if not (out / "settings.json").exists():
+            jobs.write_json_atomically(settings, out / "settings.json")
+    layout = Layout(out, all_names)
+    jobs.barrier(world)
+
+    # The crops, and the masks (rank 0), each written once.
+    if world.rank == 0:
+        for side in args.masks:
+            if not jobs.done(layout.mask(side)):
+                jobs.save_atomically(hole_mask(side), layout.mask(side))
+    todo = jobs.pending(range(len(names)), layout.crop, world)
+    for n in jobs.mine(todo, world, "crops", args.quiet):
+        jobs.save_atomically(centre_crop(images.open_image(Path(args.data) / names[n])), layout.crop(n))
+
+    # The inpainting: job k = (image n, j-th hole size), seed + k.
+    cases = [(n, j, side) for n in range(len(names)) for j, side in enumerate(args.masks)]
+    todo = jobs.pending(cases, lambda case: layout.result(case[0], case[2]), world)
+    seconds = []
+    if todo:
+        models = load_models(args.weights, args.device, args.dtype)
+        for n, j, side in jobs.mine(todo, world, "inpainting", args.quiet):
+            start = time.perf_counter()
+            options = Options(steps=args.steps, seed=args.seed + n * len(args.masks) + j)
+            with Image.open(layout.crop(n)) as crop, Image.open(layout.mask(side)) as mask:
+                result = inpaint(crop, mask, models, options)
+            jobs.save_atomically(result, layout.result(n, side))
+            seconds.append((side, time.perf_counter() - start))
+    seconds = jobs.gather(seconds, world)
+    if world.rank == 0:
+        report(args, out, names, layout, inception, seconds, device, dtype, world)
+
+
+def report(args, out, names, layout, inception, seconds, device, dtype, world):
+    """FID per hole size, the table on stdout, OUT/table1.md and OUT/table1.json."""
+    previous = {}
+    if (out / "table1.json").exists():  # a rerun with nothing left to inpaint keeps the timings it had
+        try:
+            previous = {r["hole"]: r for r in json.loads((out / "table1.json").read_text())["rows"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    where = f"{device.type} {str(dtype).removeprefix('torch.')}"
+    if device.type == "cuda":
+        where += f" {torch.cuda.get_device_name(device)}"
+    crops = [layout.crop(n) for n in range(len(names))]
+    real = inception_features(inception, crops, device) if inception is not None else None
+    rows = []
+    for side in args.masks:
+        results = [layout.result(n, side) for n in range(len(names))]
+        times = [s for size, s in seconds if size == side]
+        old = previous.get(side, {})
+        score = None
+        if real is not None and len(names) >= 2:
+            score = fid(inception_features(inception, results, device), real)
+        ddnm, proposed = PAPER.get(args.dataset, {}).get(side, (None, None))
+        rows.append({"hole": side, "images": len(names), "paper_ddnm": ddnm, "paper_proposed": proposed, "fid": score,
+                     "seconds_per_image": sum(times) / len(times) if times else old.get("seconds_per_image"),
+                     "device": f"{where} x{world.size}" if times else old.get("device", where)})
+    text = table(rows, args.dataset)
+    print(text, end="")
+    jobs.write_text_atomically(text, out / "table1.md")
+    jobs.write_json_atomically({"dataset": args.dataset, "steps": args.steps, "rows": rows}, out / "table1.json")
+
+
+def run(argv=None):
+    """main() with every expected failure as one line on stderr and exit status 2."""
+    try:
+        main(argv)
+    except LdmMinError as e:
+        fail(f"error: {e}")
+    except KeyboardInterrupt:
+        fail("interrupted: the outputs written so far are kept; run the same command again to finish", 130)
+
+
+if __name__ == "__main__":
+    run()
