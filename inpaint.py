@@ -145,8 +145,9 @@ def main(argv=None):
               f"{where}{time.perf_counter() - start:.1f} s -> {out}", file=sys.stderr)
 
 
-def run(argv=None):
-    """main() with every expected failure as one line on stderr and exit status 2."""
+def run(argv=None, main=main, interrupted="interrupted: nothing was written"):
+    """main(argv) with every expected failure as one line on stderr and exit status 2 (130 and
+    `interrupted` for Ctrl-C). benchmarks/table1.py runs its own main through it too."""
     from ldm_min import LdmMinError
 
     import torch
@@ -156,7 +157,7 @@ def run(argv=None):
     except LdmMinError as e:
         fail(f"error: {e}")
     except KeyboardInterrupt:
-        fail("interrupted: nothing was written", 130)
+        fail(interrupted, 130)
     except (MemoryError, torch.cuda.OutOfMemoryError):
         fail("error: out of memory: try a smaller image, --dtype bfloat16, or a GPU")
 

@@ -33,8 +33,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing
+import inpaint as cli  # noqa: E402
 import jobs  # noqa: E402
-from ldm_min import InputError, LdmMinError, Options, WeightsError, images, inpaint  # noqa: E402
+from ldm_min import InputError, Options, WeightsError, images, inpaint  # noqa: E402
 from weights import DEFAULT_REPO, load_models, pick_device  # noqa: E402
 
 SIDE = 512  # the crop, the model's native size
@@ -44,16 +45,6 @@ PAPER = {"bsds500": {168: (59.54, 56.57), 136: (43.83, 39.90)},
          "imagenet": {168: (35.63, 29.43), 136: (22.82, 20.49)},
          "imagenet-o": {168: (36.80, 29.05), 136: (25.25, 20.40)}}
 DATASET_NAMES = {"bsds500": "BSDS500", "imagenet": "ImageNet-1k", "imagenet-o": "ImageNet-O", "other": "other"}
-
-
-def fail(message, status=2):
-    print(message, file=sys.stderr)
-    sys.exit(status)
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        fail(f"error: {message} (see --help)")
 
 
 def mask_sizes(text):
@@ -70,7 +61,7 @@ def mask_sizes(text):
 
 
 def parse_args(argv):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="folder of images, searched recursively")
     p.add_argument("--list", help="text file naming the images to use, one path relative to --data a line")
     p.add_argument("--dataset", choices=DATASET_NAMES, default="other",
@@ -348,13 +339,8 @@ def report(args, out, names, layout, inception, seconds, device, dtype, world):
 
 
 def run(argv=None):
-    """main() with every expected failure as one line on stderr and exit status 2."""
-    try:
-        main(argv)
-    except LdmMinError as e:
-        fail(f"error: {e}")
-    except KeyboardInterrupt:
-        fail("interrupted: the outputs written so far are kept; run the same command again to finish", 130)
+    """main() with every expected failure as one line on stderr and exit status 2, as inpaint.py does."""
+    cli.run(argv, main, "interrupted: the outputs written so far are kept; run the same command again to finish")
 
 
 if __name__ == "__main__":
