@@ -2,6 +2,8 @@
 
     python inpaint.py photo.png mask.png                       # writes photo_inpainted.png
     python inpaint.py photo.png mask.png --prompt "a red boat" -o boat.png
+    python inpaint.py photos/ masks/ -o done/                  # each photo with the mask of its name
+    torchrun --nproc_per_node=4 inpaint.py photos/ mask.png -o done/   # one mask for all, 4 processes
 """
 import argparse
 import sys
@@ -30,9 +32,14 @@ def parse_args(argv):
 
     default = Options()  # the paper's settings, defined there only
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("image", help="the picture to complete (any format Pillow reads)")
-    p.add_argument("mask", help="same size as IMAGE; white (>= 128) marks the pixels to paint")
-    p.add_argument("-o", "--output", help="output file (default: <image stem>_inpainted.png here)")
+    p.add_argument("image", help="the picture to complete (any format Pillow reads), or a folder of them")
+    p.add_argument("mask", help="same size as IMAGE; white (>= 128) marks the pixels to paint. With a folder of "
+                                "images: a folder holding each image's mask under the image's name (any format), "
+                                "or one mask for all")
+    p.add_argument("-o", "--output", help="output file (default: <image stem>_inpainted.png here); with a folder of "
+                                          "images, the output folder (default: <folder name>_inpainted here)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with a folder of images: redo the images whose output is there (default: skip them)")
     p.add_argument("--prompt", default=default.prompt,
                    help="text to steer the fill (default: none, as in the paper); auto: a BLIP caption of the "
                         "masked image, printed first")
@@ -130,6 +137,8 @@ def main(argv=None):
     # Every option and input is checked before the weights load, so a mistake costs no wait
     # (load_models checks --device and --dtype before it reads a file).
     options = Options(**{field.name: getattr(args, field.name) for field in fields(Options)})
+    if Path(args.image).is_dir():
+        return batch(args, options)
     out = output_path(args)
     x, hole = images.prepare(images.open_image(args.image), images.open_image(args.mask, "mask"), options.invert_mask)
     box = region.box_for(hole, options)  # for the summary line; inpaint_tensors makes the same choice
@@ -143,6 +152,105 @@ def main(argv=None):
         where = f"{box}, " if box else ""
         print(f"seed {options.seed}, {options.steps} steps, eta {options.eta}, {models.device.type} {dtype}, "
               f"{where}{time.perf_counter() - start:.1f} s -> {out}", file=sys.stderr)
+
+
+def batch_files(args):
+    """The (image, mask) pairs of a folder run, sorted by image name, and the output folder: checked
+    before any work. An image without a mask (or with several) gets None: it fails alone, later."""
+    from ldm_min import InputError
+
+    image_dir, mask, readable = Path(args.image), Path(args.mask), Image.registered_extensions()
+    listing = lambda folder: sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    found = [p for p in listing(image_dir) if p.suffix.lower() in readable]
+    if not found:
+        raise InputError(f"{image_dir}: no image files in the folder")
+    stems = {}
+    for p in found:
+        if p.stem in stems:
+            raise InputError(f"{stems[p.stem].name} and {p.name} would both be written as {p.stem}.png: rename one")
+        stems[p.stem] = p
+    if mask.is_dir():
+        masks = {}
+        for p in listing(mask):
+            masks.setdefault(p.stem, []).append(p)
+        pairs = [(p, masks[p.stem][0] if len(masks.get(p.stem, [])) == 1 else None) for p in found]
+    elif mask.is_file():
+        pairs = [(p, mask) for p in found]
+    else:
+        raise InputError(f"mask not found: {mask}")
+    out = Path(args.output or f"{image_dir.name}_inpainted")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output {out}: a file, but a folder of images makes a folder of results")
+    if any(out.resolve() == folder.resolve() for folder in (image_dir, mask)):
+        raise InputError(f"output folder {out} is an input folder: refusing to write into it (use -o)")
+    if not out.parent.is_dir():
+        raise InputError(f"output folder {out.parent} does not exist")
+    out.mkdir(exist_ok=True)
+    return pairs, out
+
+
+def batch(args, options):
+    """Every image of a folder, with its mask, to OUT/<stem>.png: each exactly what the single-image
+    command gives with the same options and seed. A rerun skips the images done; under torchrun the
+    images are shared out across the processes (jobs.py, the Table 1 harness's machinery). A bad
+    image or mask fails alone, in one line; the run ends with a count and exit status 1."""
+    import jobs
+    from ldm_min import InputError, LdmMinError, images
+    from ldm_min.sample import inpaint_tensors
+    from weights import load_models, pick_device
+
+    device, _ = pick_device(args.device, args.dtype)
+    pairs, out = batch_files(args)
+    output = lambda pair: out / f"{pair[0].stem}.png"
+    world = jobs.start(device.type)
+    try:
+        todo = pairs if args.overwrite else jobs.pending(pairs, output, world)
+        mine = jobs.share(todo, world.rank, world.size)
+
+        def read(image, mask):
+            if mask is None:
+                raise InputError(f"no single mask named {image.stem}.* in {args.mask}")
+            return images.prepare(images.open_image(image), images.open_image(mask, "mask"), options.invert_mask)
+
+        failed = {}
+        prompts = {}
+        if options.prompt == "auto":  # every caption first: the captioner is freed before the SD weights load
+            for image, mask in mine:
+                try:
+                    prompts[image] = auto_prompt(*read(image, mask), args)
+                except InputError as e:
+                    failed[image] = e
+        models = load_models(args.weights, args.device, args.dtype, args.compile) if mine else None
+        shown = world.rank == 0 and not args.quiet  # rank 0's progress line, jobs.mine's between images
+
+        def steps(k):
+            """The per-step count, folded into the line of the images' progress."""
+            def show(i, *_):
+                line = f"images {k}/{len(todo)}, step {i + 1}/{options.steps}"
+                print(f"\r{line:<{jobs.LINE}}", end="", file=sys.stderr, flush=True)
+            return show if shown else None
+
+        for n, (image, mask) in enumerate(jobs.mine(todo, world, "images", args.quiet)):
+            try:
+                if image in failed:
+                    raise failed[image]
+                x, hole = read(image, mask)
+                result = inpaint_tensors(x, hole, models, replace(options, prompt=prompts.get(image, options.prompt)),
+                                         steps(n * world.size))
+                jobs.save_atomically(images.to_pil(result), output((image, mask)))
+            except LdmMinError as e:
+                failed[image] = e
+                print(f"\r{'':<{jobs.LINE}}\rerror: {image.name}: {e}" if shown else f"error: {image.name}: {e}",
+                      file=sys.stderr)
+        counts = jobs.gather([(len(mine) - len(failed), len(failed))], world)
+    finally:
+        jobs.stop(world)
+    done, bad = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    if world.rank == 0 and not (args.quiet and not bad):
+        skipped = f", {len(pairs) - len(todo)} already there" if len(todo) < len(pairs) else ""
+        print(f"{done} done, {bad} failed{': see above' if bad else ''}{skipped} -> {out}", file=sys.stderr)
+    if bad:
+        sys.exit(1)
 
 
 def run(argv=None, main=main, interrupted="interrupted: nothing was written"):

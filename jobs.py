@@ -24,6 +24,9 @@ import torch.distributed as dist
 from PIL import Image
 
 
+LINE = 64  # progress lines are padded to this width, so that a shorter one overwrites a longer one
+
+
 @dataclass(frozen=True)
 class World:
     rank: int = 0
@@ -98,8 +101,8 @@ def mine(todo, world, what="jobs", quiet=False):
         if show:
             rate = (time.perf_counter() - start_time) / finished
             bar = "#" * (20 * finished // len(todo))
-            print(f"\r{what} {finished}/{len(todo)} [{bar:<20}] {rate:.2f} s/job", end="\n" if i == rounds - 1 else "",
-                  file=sys.stderr, flush=True)
+            line = f"{what} {finished}/{len(todo)} [{bar:<20}] {rate:.2f} s/job"
+            print(f"\r{line:<{LINE}}", end="\n" if i == rounds - 1 else "", file=sys.stderr, flush=True)
 
 
 def done(path):
