@@ -11,7 +11,11 @@ once per centred square hole of --masks pixels. FID (torch-fidelity's Inception 
 inpainted crops with the original crops, per hole size.
 
 Under OUT: settings.json (a rerun must match it), crops/NNNN_<stem>.png, masks/holeS.png (white is
-the hole), inpainted/holeS/NNNN_<stem>.png, table1.md and table1.json. Job k, numbered image by image
+the hole), inpainted/holeS/NNNN_<stem>.png, table1.md and table1.json. With --prompts original and/or
+masked, each crop is also inpainted with a BLIP caption as its prompt (guidance 7.5): the caption of
+the original crop (the paper's oracle column) or of the crop with the hole hidden from BLIP
+(ldm_min.caption), kept in captions/original.json and captions/masked_holeS.json (crop name ->
+caption), the results in inpainted/KIND/holeS/. Job k, numbered image by image
 and, within an image, in the order of --masks (k = n * len(masks) + j for image NNNN = n and the j-th
 size), uses seed `--seed + k`: the result does not depend on how many processes ran it. Every file is
 written atomically and a rerun skips the files already there.
@@ -35,8 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 import inpaint as cli  # noqa: E402
 import jobs  # noqa: E402
+import weights  # noqa: E402
 from ldm_min import InputError, Options, WeightsError, images, inpaint  # noqa: E402
-from weights import DEFAULT_REPO, load_models, pick_device  # noqa: E402
+from ldm_min.caption import caption_tensors  # noqa: E402
+from weights import DEFAULT_CAPTIONER, DEFAULT_REPO, load_models, pick_device  # noqa: E402
 
 SIDE = 512  # the crop, the model's native size
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -44,6 +50,12 @@ EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm",
 PAPER = {"bsds500": {168: (59.54, 56.57), 136: (43.83, 39.90)},
          "imagenet": {168: (35.63, 29.43), 136: (22.82, 20.49)},
          "imagenet-o": {168: (36.80, 29.05), 136: (25.25, 20.40)}}
+# The paper's 3rd column: the proposed method with the BLIP caption of the original as the prompt.
+PAPER_CAPTION = {"bsds500": {168: 51.05, 136: 37.33}, "imagenet": {168: 27.82, 136: 21.18},
+                 "imagenet-o": {168: 32.20, 136: 23.54}}
+# Where a job's prompt comes from: none (the paper's Table 1), the caption of the original crop (the
+# paper's oracle), the caption of the masked crop (what a user has: the paper's future work).
+PROMPT_KINDS = ("none", "original", "masked")
 DATASET_NAMES = {"bsds500": "BSDS500", "imagenet": "ImageNet-1k", "imagenet-o": "ImageNet-O", "other": "other"}
 
 
@@ -58,6 +70,17 @@ def mask_sizes(text):
     if len(set(sizes)) != len(sizes):
         raise argparse.ArgumentTypeError(f"--masks names a size twice: {text}")
     return sizes
+
+
+def prompt_kinds(text):
+    kinds = text.split(",")
+    for k in kinds:
+        if k not in PROMPT_KINDS:
+            raise argparse.ArgumentTypeError(f"--prompts takes {', '.join(PROMPT_KINDS)} separated by commas, "
+                                             f"got {k!r}")
+    if len(set(kinds)) != len(kinds):
+        raise argparse.ArgumentTypeError(f"--prompts names a kind twice: {text}")
+    return kinds
 
 
 def parse_args(argv):
@@ -75,6 +98,10 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="job k uses seed SEED + k (default %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: cuda when available)")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (auto: float16 on cuda)")
+    p.add_argument("--prompts", type=prompt_kinds, default=["none"],
+                   help="none (the paper's), original (BLIP caption of the original crop, the paper's oracle column), "
+                        "masked (BLIP caption of the crop with the hole hidden), separated by commas (default none)")
+    p.add_argument("--captioner", help=f"BLIP captioner, local folder or hub repo id (default {DEFAULT_CAPTIONER})")
     p.add_argument("--no-fid", action="store_true", help="inpaint only: no Inception weights needed")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     args = p.parse_args(argv)
@@ -139,35 +166,57 @@ class Layout:
     def mask(self, side):
         return self.out / "masks" / f"hole{side}.png"
 
-    def result(self, n, side):
-        return self.out / "inpainted" / f"hole{side}" / self.crop(n).name
+    def result(self, n, side, kind="none"):
+        folder = self.out / "inpainted" if kind == "none" else self.out / "inpainted" / kind  # none: as before captions
+        return folder / f"hole{side}" / self.crop(n).name
+
+    def captions(self, kind, side):
+        """original: one caption per image; masked: one per image and hole size."""
+        return self.out / "captions" / ("original.json" if kind == "original" else f"masked_hole{side}.json")
 
 
 def settings_of(args, names, device, dtype):
     weights = args.weights or os.environ.get("LDM_MIN_WEIGHTS") or DEFAULT_REPO
     if Path(weights).is_dir():
         weights = str(Path(weights).resolve())
-    return {"images": len(names), "images_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
-            "masks": args.masks, "seed": args.seed, "weights": weights, "device": device.type,
-            "dtype": str(dtype).removeprefix("torch."),
-            "options": {k: v for k, v in asdict(Options(steps=args.steps)).items() if k != "seed"}}
+    settings = {"images": len(names), "images_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
+                "masks": args.masks, "seed": args.seed, "weights": weights, "device": device.type,
+                "dtype": str(dtype).removeprefix("torch."),
+                "options": {k: v for k, v in asdict(Options(steps=args.steps)).items() if k != "seed"}}
+    if args.prompts != ["none"]:  # absent: the prompt kinds are ["none"], and settings.json is as before captions
+        captioner = str(args.captioner or DEFAULT_CAPTIONER)
+        settings |= {"prompts": args.prompts, "captioner": str(Path(captioner).resolve()) if Path(captioner).is_dir()
+                     else captioner}
+    return settings
+
+
+# Prompt kinds may be added to a run (each has its own files); the other settings must match.
+ADDITIVE = ("prompts", "captioner")
 
 
 def check_settings(out, settings):
-    """OUT holds this run's settings, or none yet. Only reads: checked before anything is written."""
+    """OUT holds this run's settings, or none yet. Only reads: checked before anything is written.
+    Returns the settings to keep in settings.json: the saved ones with this run's prompt kinds added."""
     path = Path(out) / "settings.json"
     if not path.exists():
-        return
+        return settings
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: unreadable ({e}): use another --out") from None
-    flat = lambda d: {**{k: v for k, v in d.items() if k != "options"}, **d.get("options", {})}
-    saved, here = flat(saved), flat(settings)
-    for key in here:
-        if saved.get(key) != here[key]:
-            raise InputError(f"{out} holds another run's outputs (settings.json: {key} {saved.get(key)!r}, here "
-                             f"{here[key]!r}): use another --out, or the same settings to resume it")
+    flat = lambda d: {**{k: v for k, v in d.items() if k not in ("options", *ADDITIVE)}, **d.get("options", {})}
+    for key, value in flat(settings).items():
+        if flat(saved).get(key) != value:
+            raise InputError(f"{out} holds another run's outputs (settings.json: {key} {flat(saved).get(key)!r}, here "
+                             f"{value!r}): use another --out, or the same settings to resume it")
+    if "captioner" in saved and "captioner" in settings and saved["captioner"] != settings["captioner"]:
+        raise InputError(f"{out} holds captions of another captioner (settings.json: captioner {saved['captioner']!r}, "
+                         f"here {settings['captioner']!r}): use another --out, or the same --captioner")
+    kinds = list(saved.get("prompts", ["none"]))
+    kinds += [k for k in settings.get("prompts", ["none"]) if k not in kinds]
+    if kinds == saved.get("prompts", ["none"]):
+        return saved
+    return {**saved, "prompts": kinds, "captioner": saved.get("captioner", settings.get("captioner"))}
 
 
 # FID with torch-fidelity's InceptionV3: a port of the TensorFlow FID network, its resizing included.
@@ -243,14 +292,54 @@ def fid(features_a, features_b):
 
 
 def table(rows, dataset):
-    """The Markdown table."""
-    head = ("| dataset | hole | images | DDNM (paper) | proposed (paper) | ours | s/image | device |\n"
-            "|---|---|---|---|---|---|---|---|\n")
+    """The Markdown table. With caption prompts, a prompt column and the paper's caption column."""
+    captions = any(r.get("prompt", "none") != "none" for r in rows)
     fmt = lambda v, spec: "-" if v is None else format(v, spec)
+    if not captions:  # as before captions
+        head = ("| dataset | hole | images | DDNM (paper) | proposed (paper) | ours | s/image | device |\n"
+                "|---|---|---|---|---|---|---|---|\n")
+        return head + "".join(
+            f"| {DATASET_NAMES[dataset]} | {r['hole']}x{r['hole']} | {r['images']} | {fmt(r['paper_ddnm'], '.2f')} | "
+            f"{fmt(r['paper_proposed'], '.2f')} | {fmt(r['fid'], '.2f')} | {fmt(r['seconds_per_image'], '.2f')} | "
+            f"{r['device']} |\n" for r in rows)
+    head = ("| dataset | hole | prompt | images | DDNM (paper) | proposed (paper) | + caption of the original (paper) "
+            "| ours | s/image | device |\n|---|---|---|---|---|---|---|---|---|---|\n")
     return head + "".join(
-        f"| {DATASET_NAMES[dataset]} | {r['hole']}x{r['hole']} | {r['images']} | {fmt(r['paper_ddnm'], '.2f')} | "
-        f"{fmt(r['paper_proposed'], '.2f')} | {fmt(r['fid'], '.2f')} | {fmt(r['seconds_per_image'], '.2f')} | "
-        f"{r['device']} |\n" for r in rows)
+        f"| {DATASET_NAMES[dataset]} | {r['hole']}x{r['hole']} | {r['prompt']} | {r['images']} | "
+        f"{fmt(r['paper_ddnm'], '.2f')} | {fmt(r['paper_proposed'], '.2f')} | {fmt(r['paper_caption'], '.2f')} | "
+        f"{fmt(r['fid'], '.2f')} | {fmt(r['seconds_per_image'], '.2f')} | {r['device']} |\n" for r in rows)
+
+
+def make_captions(args, world, layout, names):
+    """The caption of each crop for each caption kind of --prompts, in captions/*.json: rank 0 writes
+    the missing ones (loading the captioner only then, and freeing it after) while the other ranks
+    wait at the barrier. Returns {(kind, side): {crop name: caption}} for every rank."""
+    wanted = [(kind, side) for kind in args.prompts if kind != "none" for side in args.masks]
+    if not wanted:
+        return {}
+    if world.rank == 0:
+        (layout.out / "captions").mkdir(exist_ok=True)
+        captioner = None
+        for kind, side in wanted:
+            path = layout.captions(kind, side)
+            known = json.loads(path.read_text()) if path.exists() else {}
+            missing = [n for n in range(len(names)) if layout.crop(n).name not in known]
+            if not missing:
+                continue
+            if captioner is None:
+                captioner = weights.load_captioner(args.captioner, args.device, args.dtype)
+            for n in jobs.mine(missing, jobs.World(), f"captions {path.stem}", args.quiet):
+                with Image.open(layout.crop(n)) as crop, Image.open(layout.mask(side)) as mask:
+                    x, hole = images.prepare(crop, mask)
+                # original: nothing hidden (fill_from_known leaves x whole); masked: the hole never reaches BLIP
+                known[layout.crop(n).name] = caption_tensors(x, hole if kind == "masked" else torch.zeros_like(hole),
+                                                             captioner)
+                jobs.write_json_atomically(dict(sorted(known.items())), path)  # a stop loses one caption at most
+        del captioner  # before the SD models load
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    jobs.barrier(world)
+    return {(kind, side): json.loads(layout.captions(kind, side).read_text()) for kind, side in wanted}
 
 
 def main(argv=None):
@@ -269,15 +358,18 @@ def main(argv=None):
 
 
 def run_jobs(args, world, device, dtype, out, all_names, names):
-    settings = settings_of(args, all_names, device, dtype)
-    check_settings(out, settings)
+    settings = check_settings(out, settings_of(args, all_names, device, dtype))
     inception = load_inception(device) if world.rank == 0 and not args.no_fid else None  # fail before the work
-    if world.rank == 0:
-        for folder in ["crops", "masks", *(f"inpainted/hole{s}" for s in args.masks)]:
-            (out / folder).mkdir(parents=True, exist_ok=True)
-        if not (out / "settings.json").exists():
-            jobs.write_json_atomically(settings, out / "settings.json")
     layout = Layout(out, all_names)
+    if world.rank == 0:
+        for folder in ["crops", "masks"]:
+            (out / folder).mkdir(parents=True, exist_ok=True)
+        for kind in args.prompts:
+            for side in args.masks:
+                layout.result(0, side, kind).parent.mkdir(parents=True, exist_ok=True)
+        if not (out / "settings.json").exists() or settings.get("prompts") != json.loads(
+                (out / "settings.json").read_text()).get("prompts"):
+            jobs.write_json_atomically(settings, out / "settings.json")
     jobs.barrier(world)
 
     # The crops, and the masks (rank 0), each written once.
@@ -289,19 +381,23 @@ def run_jobs(args, world, device, dtype, out, all_names, names):
     for n in jobs.mine(todo, world, "crops", args.quiet):
         jobs.save_atomically(centre_crop(images.open_image(Path(args.data) / names[n])), layout.crop(n))
 
-    # The inpainting: job k = (image n, j-th hole size), seed + k.
-    cases = [(n, j, side) for n in range(len(names)) for j, side in enumerate(args.masks)]
-    todo = jobs.pending(cases, lambda case: layout.result(case[0], case[2]), world)
+    captions = make_captions(args, world, layout, names)
+
+    # The inpainting: job k = (image n, j-th hole size), seed + k, the same seed for every prompt kind.
+    cases = [(n, j, side, kind) for kind in args.prompts for n in range(len(names))
+             for j, side in enumerate(args.masks)]
+    todo = jobs.pending(cases, lambda case: layout.result(case[0], case[2], case[3]), world)
     seconds = []
     if todo:
         models = load_models(args.weights, args.device, args.dtype)
-        for n, j, side in jobs.mine(todo, world, "inpainting", args.quiet):
+        for n, j, side, kind in jobs.mine(todo, world, "inpainting", args.quiet):
             start = time.perf_counter()
-            options = Options(steps=args.steps, seed=args.seed + n * len(args.masks) + j)
+            prompt = "" if kind == "none" else captions[kind, side][layout.crop(n).name]
+            options = Options(prompt=prompt, steps=args.steps, seed=args.seed + n * len(args.masks) + j)
             with Image.open(layout.crop(n)) as crop, Image.open(layout.mask(side)) as mask:
                 result = inpaint(crop, mask, models, options)
-            jobs.save_atomically(result, layout.result(n, side))
-            seconds.append((side, time.perf_counter() - start))
+            jobs.save_atomically(result, layout.result(n, side, kind))
+            seconds.append((side, kind, time.perf_counter() - start))
     seconds = jobs.gather(seconds, world)
     if world.rank == 0:
         report(args, out, names, layout, inception, seconds, device, dtype, world)
@@ -312,7 +408,8 @@ def report(args, out, names, layout, inception, seconds, device, dtype, world):
     previous = {}
     if (out / "table1.json").exists():  # a rerun with nothing left to inpaint keeps the timings it had
         try:
-            previous = {r["hole"]: r for r in json.loads((out / "table1.json").read_text())["rows"]}
+            previous = {(r["hole"], r.get("prompt", "none")): r
+                        for r in json.loads((out / "table1.json").read_text())["rows"]}
         except (OSError, ValueError, KeyError, TypeError):
             pass
     where = f"{device.type} {str(dtype).removeprefix('torch.')}"
@@ -322,16 +419,21 @@ def report(args, out, names, layout, inception, seconds, device, dtype, world):
     real = inception_features(inception, crops, device) if inception is not None else None
     rows = []
     for side in args.masks:
-        results = [layout.result(n, side) for n in range(len(names))]
-        times = [s for size, s in seconds if size == side]
-        old = previous.get(side, {})
-        score = None
-        if real is not None and len(names) >= 2:
-            score = fid(inception_features(inception, results, device), real)
-        ddnm, proposed = PAPER.get(args.dataset, {}).get(side, (None, None))
-        rows.append({"hole": side, "images": len(names), "paper_ddnm": ddnm, "paper_proposed": proposed, "fid": score,
-                     "seconds_per_image": sum(times) / len(times) if times else old.get("seconds_per_image"),
-                     "device": f"{where} x{world.size}" if times else old.get("device", where)})
+        for kind in args.prompts:
+            results = [layout.result(n, side, kind) for n in range(len(names))]
+            times = [s for size, k, s in seconds if size == side and k == kind]
+            old = previous.get((side, kind), {})
+            score = None
+            if real is not None and len(names) >= 2:
+                score = fid(inception_features(inception, results, device), real)
+            ddnm, proposed = PAPER.get(args.dataset, {}).get(side, (None, None))
+            row = {"hole": side, "images": len(names), "paper_ddnm": ddnm, "paper_proposed": proposed, "fid": score,
+                   "seconds_per_image": sum(times) / len(times) if times else old.get("seconds_per_image"),
+                   "device": f"{where} x{world.size}" if times else old.get("device", where)}
+            if args.prompts != ["none"]:  # as before captions otherwise
+                paper = PAPER_CAPTION.get(args.dataset, {}).get(side) if kind == "original" else None
+                row = {"hole": side, "prompt": kind, **row, "paper_caption": paper}
+            rows.append(row)
     text = table(rows, args.dataset)
     print(text, end="")
     jobs.write_text_atomically(text, out / "table1.md")

@@ -19,27 +19,7 @@ from ldm_min.caption import caption, fill_from_known
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
 IMAGE, MASK = GOLDEN / "astronaut128.png", GOLDEN / "astronaut128_mask.png"
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "photo", "of", "cat", "dog", "on", "the",
-         "grass", "sky", "blue", "man", "in", "suit"]
-
-
-@pytest.fixture(scope="module")
-def blip(tmp_path_factory):
-    """A tiny BLIP with random weights and a 19-word vocabulary, saved as a captioner folder."""
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
-    from transformers.models.blip import BlipImageProcessorPil
-
-    folder = tmp_path_factory.mktemp("blip")
-    (folder / "vocab.txt").write_text("\n".join(WORDS) + "\n")
-    tokenizer = BertTokenizer(str(folder / "vocab.txt"), bos_token="[DEC]")
-    BlipProcessor(BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer).save_pretrained(folder)
-    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
-    config = BlipConfig(text_config=dict(small, vocab_size=len(WORDS), encoder_hidden_size=32, bos_token_id=5,
-                                         pad_token_id=0, sep_token_id=3, eos_token_id=3, max_position_embeddings=64),
-                        vision_config=dict(small, image_size=32, patch_size=8), projection_dim=32)
-    torch.manual_seed(0)
-    BlipForConditionalGeneration(config).save_pretrained(folder)
-    return folder
+from conftest import WORDS  # noqa: E402  (the tiny BLIP fixture `blip` lives in conftest.py)
 
 
 def test_the_captioner_never_sees_the_holes_pixels():
