@@ -367,9 +367,9 @@ def run_jobs(args, world, device, dtype, out, all_names, names):
         for kind in args.prompts:
             for side in args.masks:
                 layout.result(0, side, kind).parent.mkdir(parents=True, exist_ok=True)
-        if not (out / "settings.json").exists() or settings.get("prompts") != json.loads(
-                (out / "settings.json").read_text()).get("prompts"):
-            jobs.write_json_atomically(settings, out / "settings.json")
+        saved = out / "settings.json"
+        if not saved.exists() or json.loads(saved.read_text()) != settings:  # new, or prompt kinds added
+            jobs.write_json_atomically(settings, saved)
     jobs.barrier(world)
 
     # The crops, and the masks (rank 0), each written once.

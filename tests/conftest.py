@@ -53,3 +53,9 @@ def blip(tmp_path_factory):
     torch.manual_seed(0)
     BlipForConditionalGeneration(config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def blip_words(blip):
+    """Every word the tiny BLIP can write."""
+    return set((blip / "vocab.txt").read_text().split())

@@ -19,7 +19,6 @@ from ldm_min.caption import caption, fill_from_known
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
 IMAGE, MASK = GOLDEN / "astronaut128.png", GOLDEN / "astronaut128_mask.png"
-from conftest import WORDS  # noqa: E402  (the tiny BLIP fixture `blip` lives in conftest.py)
 
 
 def test_the_captioner_never_sees_the_holes_pixels():
@@ -36,7 +35,8 @@ def test_the_hole_is_filled_from_the_known_pixels_not_grey():
     assert torch.allclose(fill_from_known(x, hole), x, atol=1e-6)
 
 
-def test_prompt_auto_captions_then_guides_every_unet_pass_with_the_caption(blip, capsys, monkeypatch, tmp_path):
+def test_prompt_auto_captions_then_guides_every_unet_pass_with_the_caption(blip, blip_words, capsys, monkeypatch,
+                                                                           tmp_path):
     contexts, load_models = [], weights.load_models
 
     def recording(*args, **kwargs):
@@ -52,17 +52,17 @@ def test_prompt_auto_captions_then_guides_every_unet_pass_with_the_caption(blip,
                  "--captioner", str(blip)])
     err = capsys.readouterr().err
     text = re.search(r"^caption: (.*)$", err, re.M).group(1)
-    assert text and set(text.split()) <= set(WORDS)
+    assert text and set(text.split()) <= blip_words
     encode = recording.models.encode_text
     assert len(contexts) == 2
     assert all(torch.equal(c, torch.cat([encode(""), encode(text)])) for c in contexts)  # guided, batch 2
     assert (tmp_path / "astronaut128_inpainted.png").is_file()
 
 
-def test_the_api_caption_is_the_one_the_cli_uses(blip):
+def test_the_api_caption_is_the_one_the_cli_uses(blip, blip_words):
     captioner = weights.load_captioner(blip, "cpu", "float32")
     first, again = (caption(Image.open(IMAGE), Image.open(MASK), captioner) for _ in range(2))
-    assert first == again and set(first.split()) <= set(WORDS)
+    assert first == again and set(first.split()) <= blip_words
 
 
 def test_a_missing_captioner_is_one_line_and_exit_2(capsys, tmp_path, monkeypatch):

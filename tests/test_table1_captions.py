@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 
 import weights
-from conftest import WORDS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "golden" / "tiny-sd"
@@ -94,12 +93,12 @@ def captioned(tmp_path_factory, blip):
     return base / "out", spy
 
 
-def test_caption_files_per_kind_and_hole_are_written_with_one_captioner_load(captioned):
+def test_caption_files_per_kind_and_hole_are_written_with_one_captioner_load(captioned, blip_words):
     out, spy = captioned
     assert sorted(p.name for p in (out / "captions").iterdir()) == ["masked_hole168.json", "original.json"]
     for name in ["masked_hole168.json", "original.json"]:
         captions = json.loads((out / "captions" / name).read_text())
-        assert list(captions) == ["0000_a.png"] and set(captions["0000_a.png"].split()) <= set(WORDS)
+        assert list(captions) == ["0000_a.png"] and set(captions["0000_a.png"].split()) <= blip_words
     assert spy.loads == 1 and len(spy.seen) == 2
     assert json.loads((out / "settings.json").read_text())["prompts"] == ["none", "original", "masked"]
     assert sorted(p.relative_to(out).as_posix() for p in (out / "inpainted").rglob("*.png")) == [
