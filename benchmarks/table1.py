@@ -292,22 +292,19 @@ def fid(features_a, features_b):
 
 
 def table(rows, dataset):
-    """The Markdown table. With caption prompts, a prompt column and the paper's caption column."""
-    captions = any(r.get("prompt", "none") != "none" for r in rows)
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)
-    if not captions:  # as before captions
-        head = ("| dataset | hole | images | DDNM (paper) | proposed (paper) | ours | s/image | device |\n"
-                "|---|---|---|---|---|---|---|---|\n")
-        return head + "".join(
-            f"| {DATASET_NAMES[dataset]} | {r['hole']}x{r['hole']} | {r['images']} | {fmt(r['paper_ddnm'], '.2f')} | "
-            f"{fmt(r['paper_proposed'], '.2f')} | {fmt(r['fid'], '.2f')} | {fmt(r['seconds_per_image'], '.2f')} | "
-            f"{r['device']} |\n" for r in rows)
-    head = ("| dataset | hole | prompt | images | DDNM (paper) | proposed (paper) | + caption of the original (paper) "
-            "| ours | s/image | device |\n|---|---|---|---|---|---|---|---|---|---|\n")
-    return head + "".join(
-        f"| {DATASET_NAMES[dataset]} | {r['hole']}x{r['hole']} | {r['prompt']} | {r['images']} | "
-        f"{fmt(r['paper_ddnm'], '.2f')} | {fmt(r['paper_proposed'], '.2f')} | {fmt(r['paper_caption'], '.2f')} | "
-        f"{fmt(r['fid'], '.2f')} | {fmt(r['seconds_per_image'], '.2f')} | {r['device']} |\n" for r in rows)
+    """The Markdown table; with caption prompts (rows with a "prompt"), a prompt column and the
+    paper's caption column."""
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"
+    columns = {"dataset": lambda r: DATASET_NAMES[dataset], "hole": lambda r: f"{r['hole']}x{r['hole']}",
+               "prompt": lambda r: r["prompt"], "images": lambda r: r["images"],
+               "DDNM (paper)": lambda r: fmt(r["paper_ddnm"]), "proposed (paper)": lambda r: fmt(r["paper_proposed"]),
+               "+ caption of the original (paper)": lambda r: fmt(r["paper_caption"]),
+               "ours": lambda r: fmt(r["fid"]), "s/image": lambda r: fmt(r["seconds_per_image"]),
+               "device": lambda r: r["device"]}
+    if "prompt" not in rows[0]:  # the paper's Table 1 alone
+        del columns["prompt"], columns["+ caption of the original (paper)"]
+    line = lambda cells: "| " + " | ".join(map(str, cells)) + " |\n"
+    return line(columns) + "|---" * len(columns) + "|\n" + "".join(line(f(r) for f in columns.values()) for r in rows)
 
 
 def make_captions(args, world, layout, names):
