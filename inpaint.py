@@ -68,8 +68,10 @@ def parse_args(argv):
     p.add_argument("--paste-back", action="store_true", help="put the original known pixels back over the result")
     p.add_argument("--feather", type=int, default=default.feather,
                    help="with --paste-back: blend over this many pixels (default %(default)s)")
-    p.add_argument("--weights", help="local folder or hub repo id (default: $LDM_MIN_WEIGHTS, "
-                                     "else CompVis/stable-diffusion-v1-4)")
+    p.add_argument("--weights", help="local folder, hub repo id or single .safetensors file (default: "
+                                     "$LDM_MIN_WEIGHTS, else CompVis/stable-diffusion-v1-4)")
+    p.add_argument("--tokenizer", help="CLIP tokenizer, a folder or hub repo id, for a single-file --weights "
+                                       "(default: CompVis/stable-diffusion-v1-4's, else openai/clip-vit-large-patch14)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: cuda when available)")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 "
                                                    "(auto: float16 on cuda, float32 on cpu)")
@@ -144,7 +146,7 @@ def main(argv=None):
     box = region.box_for(hole, options)  # for the summary line; inpaint_tensors makes the same choice
     if options.prompt == "auto":
         options = replace(options, prompt=auto_prompt(x, hole, args))
-    models = load_models(args.weights, args.device, args.dtype, args.compile)
+    models = load_models(args.weights, args.device, args.dtype, args.compile, args.tokenizer)
     result = inpaint_tensors(x, hole, models, options, progress(options.steps, args.quiet))
     save_atomically(images.to_pil(result), out)
     if not args.quiet:
@@ -220,7 +222,7 @@ def batch(args, options):
                     prompts[image] = auto_prompt(*read(image, mask), args)
                 except InputError as e:
                     failed[image] = e
-        models = load_models(args.weights, args.device, args.dtype, args.compile) if mine else None
+        models = load_models(args.weights, args.device, args.dtype, args.compile, args.tokenizer) if mine else None
         shown = world.rank == 0 and not args.quiet  # rank 0's progress line, jobs.mine's between images
 
         def steps(k):

@@ -1,9 +1,11 @@
 """Every step from a `--weights` value to models ready to sample with: find, download, read the
 configs, choose device and dtype, build the modules, load them strictly, speed them up.
 
-`--weights` names a local folder in the official layout or a hub repo id (default
-CompVis/stable-diffusion-v1-4; the environment variable LDM_MIN_WEIGHTS overrides the
-default). Only safetensors files are read: pickles (.bin, .ckpt) can run code when opened.
+`--weights` names a local folder in the official layout, a hub repo id (default
+CompVis/stable-diffusion-v1-4; the environment variable LDM_MIN_WEIGHTS overrides the default),
+or one `.safetensors` file in the original CompVis layout (`sd-v1-4.safetensors` and the v1.x
+fine-tunes shared that way), whose names are mapped by the rules of `single_file_names`. Only
+safetensors files are read: pickles (.bin, .ckpt) can run code when opened.
 """
 import json
 import os
@@ -34,6 +36,8 @@ RENAMES = {
     "text_encoder": [("text_model.", "")],  # files written before transformers 5 carry this prefix
 }
 IGNORED = {"text_encoder": {"embeddings.position_ids"}}  # a constant int64 buffer, rebuilt below
+PICKLES = (".bin", ".ckpt", ".pt", ".pth")
+MAPPED_BYTES = 2**26  # 64 MiB: the most of a file that loading keeps mapped beside the loaded weights
 
 # What this code implements: the Stable Diffusion v1 UNet and VAE. Other families differ here.
 SD1_UNET = {"in_channels": 4, "out_channels": 4, "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu",
@@ -71,14 +75,18 @@ def hub_patterns(variant):
 
 
 def resolve(weights, dtype):
-    """A local folder in the official layout for `weights` (a folder or a hub repo id)."""
+    """A local folder in the official layout, or a single file, for `weights` (see the docstring)."""
     weights = str(weights or os.environ.get("LDM_MIN_WEIGHTS") or DEFAULT_REPO)
     path = Path(weights).expanduser()
-    if path.is_dir():
+    if path.is_dir() or (path.is_file() and path.suffix == ".safetensors"):
         return path
+    if path.suffix in PICKLES:
+        raise WeightsError(f"--weights {weights}: a pickle file; ldm_min reads safetensors files only (pickle files "
+                           f"can run code when opened). Convert it once where you trust it, e.g. safetensors.torch."
+                           f"save_file(torch.load(FILE, weights_only=True)['state_dict'], 'model.safetensors')")
     if path.exists():
-        raise WeightsError(f"--weights {weights}: expected a folder in the Stable Diffusion layout (unet/, vae/, "
-                           f"text_encoder/, tokenizer/, scheduler/), got a file")
+        raise WeightsError(f"--weights {weights}: expected a .safetensors file or a folder in the Stable Diffusion "
+                           f"layout (unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
     if not is_repo_id(weights):
         raise WeightsError(f"--weights {weights}: no such folder")
     return download(weights, dtype)
@@ -119,7 +127,7 @@ def find_weights(folder, part, dtype, required=True):
             return folder / part / f"{stem}{variant}.safetensors"
     if not required:
         return None
-    pickles = sorted(p.name for p in (folder / part).glob("*") if p.suffix in (".bin", ".ckpt", ".pt", ".pth"))
+    pickles = sorted(p.name for p in (folder / part).glob("*") if p.suffix in PICKLES)
     pickles += sorted(p.name for p in folder.glob("*.ckpt"))
     if pickles:
         raise WeightsError(f"{folder / part}: found only {', '.join(pickles)}; ldm_min reads safetensors files "
@@ -154,6 +162,95 @@ def check_family(configs, folder):
                            f"ldm_min runs v1.x models such as {DEFAULT_REPO}")
 
 
+# Single-file checkpoints keep the original CompVis code's names: each part under a prefix, and
+# the UNet's and VAE's blocks numbered and named as that code built them. The rules below map them
+# to the modules here (the diffusers names), block by block, from the configs.
+PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+            "text_encoder": "cond_stage_model.transformer."}
+# The ResNet block's Sequentials: in_layers = norm, SiLU, conv; out_layers = norm, SiLU, dropout, conv.
+UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
+VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+CONV_AS_LINEAR = re.compile(r"attn_1\.(q|k|v|proj_out)\.weight")  # 1x1 convolutions there: ours are linears
+# What else such files carry, unused here: the EMA copy of the UNet, CLIP's position ids, and the
+# training code's DDPM schedule and loss buffers (the schedule here comes from the scheduler config).
+TRAINING_BUFFERS = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                    "posterior_mean_coef1", "posterior_mean_coef2", "logvar"]
+EXTRAS = re.compile("|".join([r"model_ema\..*", *TRAINING_BUFFERS,
+                              r"cond_stage_model\.transformer\.(text_model\.)?embeddings\.position_ids"]))
+
+
+def unet_blocks(cfg):
+    """UNet module prefix -> (file prefix, renames inside). The file numbers the blocks in order:
+    input_blocks.0 is conv_in, then each level's resnets (with their attentions at .1) and its
+    downsampler; middle_block.0-2; output_blocks level by level, the upsampler after the last resnet."""
+    n, per = len(cfg["block_out_channels"]), cfg["layers_per_block"]
+    blocks = {"conv_in": ("input_blocks.0.0", {}), "time_embedding.linear_1": ("time_embed.0", {}),
+              "time_embedding.linear_2": ("time_embed.2", {}), "conv_norm_out": ("out.0", {}),
+              "conv_out": ("out.2", {}), "mid_block.resnets.0": ("middle_block.0", UNET_RESNET),
+              "mid_block.attentions.0": ("middle_block.1", {}), "mid_block.resnets.1": ("middle_block.2", UNET_RESNET)}
+    for i in range(n):  # a level: `per` input blocks and a downsampler, `per + 1` output blocks
+        down_attention = cfg["down_block_types"][i].startswith("CrossAttn")
+        up_attention = cfg["up_block_types"][i].startswith("CrossAttn")
+        for j in range(per):
+            k = 1 + i * (per + 1) + j
+            blocks[f"down_blocks.{i}.resnets.{j}"] = (f"input_blocks.{k}.0", UNET_RESNET)
+            if down_attention:
+                blocks[f"down_blocks.{i}.attentions.{j}"] = (f"input_blocks.{k}.1", {})
+        for j in range(per + 1):
+            k = i * (per + 1) + j
+            blocks[f"up_blocks.{i}.resnets.{j}"] = (f"output_blocks.{k}.0", UNET_RESNET)
+            if up_attention:
+                blocks[f"up_blocks.{i}.attentions.{j}"] = (f"output_blocks.{k}.1", {})
+        if i < n - 1:  # every level but the last changes the size: the sampler after its last block
+            blocks[f"down_blocks.{i}.downsamplers.0.conv"] = (f"input_blocks.{(i + 1) * (per + 1)}.0.op", {})
+            blocks[f"up_blocks.{i}.upsamplers.0.conv"] = (f"output_blocks.{k}.{1 + up_attention}.conv", {})
+    return blocks
+
+
+def vae_blocks(cfg):
+    """VAE module prefix -> (file prefix, renames inside). The decoder's levels run in the other
+    order in the file: up.0 is the last, widest-resolution one."""
+    n, per = len(cfg["block_out_channels"]), cfg["layers_per_block"]
+    blocks = {}
+    for part in ("encoder", "decoder"):
+        blocks |= {f"{part}.conv_norm_out": (f"{part}.norm_out", {}),
+                   f"{part}.mid_block.resnets.0": (f"{part}.mid.block_1", VAE_RESNET),
+                   f"{part}.mid_block.attentions.0": (f"{part}.mid.attn_1", VAE_ATTENTION),
+                   f"{part}.mid_block.resnets.1": (f"{part}.mid.block_2", VAE_RESNET)}
+    for i in range(n):
+        for j in range(per):
+            blocks[f"encoder.down_blocks.{i}.resnets.{j}"] = (f"encoder.down.{i}.block.{j}", VAE_RESNET)
+        for j in range(per + 1):
+            blocks[f"decoder.up_blocks.{i}.resnets.{j}"] = (f"decoder.up.{n - 1 - i}.block.{j}", VAE_RESNET)
+        if i < n - 1:
+            blocks[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = (f"encoder.down.{i}.downsample.conv", {})
+            blocks[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = (f"decoder.up.{n - 1 - i}.upsample.conv", {})
+    return blocks
+
+
+def single_file_names(modules, configs):
+    """{name in a single file: (part, module tensor name)} for every tensor of `modules`. A module
+    name starts with one of the part's block prefixes (or keeps its name: conv_in, quant_conv...);
+    the rest is renamed inside the block. The text encoder keeps its names under its prefix
+    (single_file_parts drops the `text_model.` level that some files have)."""
+    blocks = {"unet": unet_blocks(configs["unet"]), "vae": vae_blocks(configs["vae"]), "text_encoder": {}}
+    names = {}
+    for part, module in modules.items():
+        for name in module.state_dict():
+            prefix = next((b for b in blocks[part] if name.startswith(b + ".")), "")
+            file_prefix, renames = blocks[part].get(prefix, (prefix, {}))
+            rest = name[len(prefix):].lstrip(".")
+            inner = next((r for r in renames if rest.startswith(r + ".")), None)
+            if inner:
+                rest = renames[inner] + rest[len(inner):]
+            names[PREFIXES[part] + ".".join(filter(None, [file_prefix, rest]))] = (part, name)
+    return names
+
+
 def build(configs):
     """Untrained modules of the configured sizes, on the current default device (`meta` to
     allocate nothing before the weights arrive)."""
@@ -161,36 +258,92 @@ def build(configs):
     return {"unet": UNet(configs["unet"]), "vae": VAE(configs["vae"]), "text_encoder": CLIPTextModel(text_cfg)}
 
 
-def read_state(path, part):
-    """The file's tensors under module names: memory-mapped, not yet copied. safetensors maps the
-    file once per open and a tensor keeps its mapping alive, so each tensor is read through an open
-    of its own: when load_into replaces it by its cast copy, its pages leave memory. A float32 file
-    loaded in bfloat16 then peaks at the cast weights plus one tensor, not plus the whole file."""
+def file_shapes(path):
+    """name -> shape of every tensor of a safetensors file, read from its header."""
     try:
         with safe_open(path, framework="pt") as f:
-            names = list(f.keys())
-        state = {}
-        for name in names:
-            new = name
-            for old, replacement in RENAMES.get(part, []):
-                new = new.replace(old, replacement)
-            if new not in IGNORED.get(part, ()):
-                with safe_open(path, framework="pt") as f:  # a mapping of its own, see above
-                    state[new] = f.get_tensor(name)
+            return {name: f.get_slice(name).get_shape() for name in f.keys()}
+    except Exception as e:  # safetensors reports a damaged file with several exception types
+        raise WeightsError(f"{path}: not a valid safetensors file, truncated or corrupt ({e})") from None
+
+
+def folder_names(path, part):
+    """file name -> module name for a part's file in the official layout: the declared renames."""
+    names = {}
+    for name in file_shapes(path):
+        new = name
+        for old, replacement in RENAMES.get(part, []):
+            new = new.replace(old, replacement)
+        if new not in IGNORED.get(part, ()):
+            names[name] = new
+    return names
+
+
+def single_file_parts(path, modules, configs):
+    """part -> {file name: module name} for a single-file checkpoint: every module tensor found under
+    its original name, the EXTRAS skipped, and nothing else in the file."""
+    shapes = file_shapes(path)
+    check_single_file_family(shapes, configs, path)
+    level = PREFIXES["text_encoder"] + "text_model."  # some files have this level, some not
+    in_file = {name.replace(level, PREFIXES["text_encoder"], 1): name
+               for name in shapes if not EXTRAS.fullmatch(name)}
+    names = single_file_names(modules, configs)
+    check_names(path, in_file.keys(), names.keys())
+    return {part: {in_file[name]: module_name for name, (p, module_name) in names.items() if p == part}
+            for part in modules}
+
+
+def check_single_file_family(shapes, configs, path):
+    """One clear line when a single file holds another family: its shapes say what it is."""
+    unet, found = configs["unet"], []
+    if any(name.startswith(("conditioner.", "model.diffusion_model.label_emb.")) for name in shapes):
+        found.append("conditioner.* and label_emb.* tensors (SDXL)")
+    contexts = {shape[1] for name, shape in shapes.items() if name.endswith("attn2.to_k.weight")}
+    if contexts - {unet["cross_attention_dim"]}:
+        found.append(f"a {max(contexts)}-d text context (SD 2.x: 1024)")
+    conv_in = shapes.get(PREFIXES["unet"] + "input_blocks.0.0.weight")
+    if conv_in and conv_in[1] != unet["in_channels"]:
+        found.append(f"a UNet with {conv_in[1]} input channels (an inpainting UNet: 9)")
+    if found:
+        raise WeightsError(f"{path}: not a Stable Diffusion v1.x checkpoint ({', '.join(found)}); ldm_min runs "
+                           f"v1.x models such as {DEFAULT_REPO}")
+    if conv_in is None:
+        raise WeightsError(f"{path}: no {PREFIXES['unet']}* tensors: not a single-file Stable Diffusion checkpoint")
+
+
+def read_state(path, names):
+    """The file's tensors `names` (file name -> module name) under module names: memory-mapped, not
+    yet copied. safetensors maps the file once per open and a tensor keeps its mapping alive, so the
+    tensors are read in batches of about MAPPED_BYTES, each through an open of its own: when
+    load_into has replaced a batch's tensors by their cast copies, its pages leave memory. A float32
+    file loaded in bfloat16 then peaks at the cast weights plus one batch, not plus the whole file;
+    and the file's header is parsed once a batch, not once a tensor (1 ms for a single file's)."""
+    try:
+        state, mapped = {}, MAPPED_BYTES
+        for name, new in names.items():
+            if mapped >= MAPPED_BYTES:
+                f, mapped = safe_open(path, framework="pt"), 0  # a mapping of its own, see above
+            tensor = f.get_tensor(name)
+            mapped += tensor.nbytes
+            state[new] = tensor.flatten(1) if CONV_AS_LINEAR.search(name) else tensor
         return state
     except Exception as e:  # safetensors reports a damaged file with several exception types
         raise WeightsError(f"{path}: not a valid safetensors file, truncated or corrupt ({e})") from None
 
 
-def load_into(module, state, path, device, dtype):
-    """Strict load: every tensor present with its exact shape, nothing left over; cast once."""
-    expected = module.state_dict()
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
+def check_names(path, found, expected):
+    """Strict: every expected tensor found, nothing left over."""
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
     if missing:
         raise WeightsError(f"{path}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
     if unexpected:
         raise WeightsError(f"{path}: unexpected tensor {unexpected[0]} ({len(unexpected)} unexpected in all)")
+
+
+def load_into(module, state, path, device, dtype):
+    """Strict load: every tensor present with its exact shape, nothing left over; cast once."""
+    expected = module.state_dict()
+    check_names(path, state.keys(), expected.keys())
     for name, tensor in expected.items():
         if state[name].shape != tensor.shape:
             raise WeightsError(f"{path}: tensor {name} has shape {list(state[name].shape)}, expected "
@@ -201,26 +354,68 @@ def load_into(module, state, path, device, dtype):
     return module.requires_grad_(False).eval()
 
 
-def load_models(weights=None, device="auto", dtype="auto", compile=False):
-    """The checkpoint named by `weights` (see the module docstring), ready to sample with;
-    `compile`: torch.compile the UNet."""
-    device, dtype = pick_device(device, dtype)
-    folder = resolve(weights, dtype)
+def checkpoint_configs(path):
+    """The configs of the checkpoint at `path`: a folder's own, or v1's for a single file (it has none)."""
     try:
-        configs = read_configs(folder)
+        return read_configs(None if path.is_file() else path)
     except (OSError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{folder}: cannot read the model's config.json files ({e})") from None
-    check_family(configs, folder)
+        raise WeightsError(f"{path}: cannot read the model's config.json files ({e})") from None
+
+
+def load_models(weights=None, device="auto", dtype="auto", compile=False, tokenizer=None):
+    """The checkpoint named by `weights` (see the module docstring), ready to sample with;
+    `compile`: torch.compile the UNet; `tokenizer`: see load_tokenizer."""
+    device, dtype = pick_device(device, dtype)
+    path = resolve(weights, dtype)
+    configs = checkpoint_configs(path)
+    check_family(configs, path)
+    tokenizer = load_tokenizer(tokenizer, path)  # before the weights: a missing one costs no wait
     with torch.device("meta"):
         modules = build(configs)
+    if path.is_file():
+        files = dict.fromkeys(modules, path)
+        names = single_file_parts(path, modules, configs)
+    else:
+        files = {part: find_weights(path, part, dtype) for part in modules}
+        names = {part: folder_names(file, part) for part, file in files.items()}
     for part, module in modules.items():
-        path = find_weights(folder, part, dtype)
-        load_into(module, read_state(path, part), path, device, dtype)
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    except Exception as e:
-        raise WeightsError(f"{folder / 'tokenizer'}: cannot load the CLIP tokenizer ({e})") from None
+        load_into(module, read_state(files[part], names[part]), files[part], device, dtype)
     return assemble(modules, tokenizer, configs, device, dtype, compile)
+
+
+# The CLIP tokenizer of a single file, which has none: v1.4's own, else CLIP ViT-L/14's (the same).
+TOKENIZER_REPOS = (DEFAULT_REPO, "openai/clip-vit-large-patch14")
+TOKENIZER_FILES = ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+def load_tokenizer(tokenizer, checkpoint):
+    """The CLIP tokenizer: from `tokenizer` (a folder holding its files, or a hub repo id) when given,
+    else the checkpoint folder's tokenizer/, else (a single file) from TOKENIZER_REPOS via the hub."""
+    folder = checkpoint / "tokenizer" if tokenizer is None and checkpoint.is_dir() else find_tokenizer(tokenizer)
+    try:
+        return CLIPTokenizer.from_pretrained(folder)
+    except Exception as e:
+        raise WeightsError(f"{folder}: cannot load the CLIP tokenizer ({e})") from None
+
+
+def find_tokenizer(name):
+    """A local folder holding the tokenizer's files for `name` (a folder, a hub repo id, or None)."""
+    from huggingface_hub import snapshot_download
+
+    inside = lambda folder: folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder
+    if name is not None and Path(name).expanduser().is_dir():
+        return inside(Path(name).expanduser())
+    if name is not None and not is_repo_id(str(name)):
+        raise WeightsError(f"--tokenizer {name}: no such folder")
+    for repo in [str(name)] if name else TOKENIZER_REPOS:
+        try:
+            return inside(Path(snapshot_download(repo, allow_patterns=TOKENIZER_FILES + [
+                f"tokenizer/{file}" for file in TOKENIZER_FILES])))
+        except Exception as e:  # network, authorisation, offline mode: try the next, then say how
+            error = reason(e)
+    raise WeightsError(f"could not get the CLIP tokenizer from the hub ({error}), which a single-file checkpoint "
+                       f"lacks: run once with network access (it is cached), or pass --tokenizer FOLDER holding its "
+                       f"vocab.json and merges.txt (e.g. the tokenizer/ folder of a Stable Diffusion checkpoint)")
 
 
 def assemble(modules, tokenizer, configs, device, dtype, compile=False):

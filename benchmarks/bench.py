@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 from ldm_min import Options, inpaint  # noqa: E402
-from weights import assemble, build, load_models, pick_device, read_configs, resolve  # noqa: E402
+from weights import assemble, build, checkpoint_configs, load_models, pick_device, read_configs, resolve  # noqa: E402
 
 # The real CLIP BPE vocabulary, kept with the test checkpoint: token ids only pick embedding rows,
 # so any valid ids time the same.
@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed 1-step runs first (default: 1 on CUDA, where kernels are picked or "
                         "compiled on the first call; 0 on the CPU, where a run is long)")
-    p.add_argument("--weights", help="load this checkpoint folder (official layout) instead of random weights")
+    p.add_argument("--weights", help="load this checkpoint (folder or single file) instead of random weights")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
     if args.compile and args.device != "cuda":
@@ -184,7 +184,7 @@ def main(argv=None):
     args = parse_args(argv)
     device, dtype = pick_device(args.device, args.dtype)
     # The architecture measured: the checkpoint's (its folder or hub cache), else v1.4's.
-    configs = read_configs(resolve(args.weights, dtype) if args.weights else None)
+    configs = checkpoint_configs(resolve(args.weights, dtype)) if args.weights else read_configs()
     start = time.perf_counter()
     if args.weights:
         models = load_models(args.weights, args.device, args.dtype, args.compile)

@@ -90,8 +90,9 @@ def parse_args(argv):
     p.add_argument("--dataset", choices=DATASET_NAMES, default="other",
                    help="which of the paper's sets this is, for its numbers beside ours (default %(default)s)")
     p.add_argument("--out", required=True, help="output folder; a rerun with the same settings resumes it")
-    p.add_argument("--weights", help="local folder or hub repo id (default: $LDM_MIN_WEIGHTS, else "
-                                     f"{DEFAULT_REPO})")
+    p.add_argument("--weights", help="local folder, hub repo id or single .safetensors file (default: "
+                                     f"$LDM_MIN_WEIGHTS, else {DEFAULT_REPO})")
+    p.add_argument("--tokenizer", help="CLIP tokenizer (folder or hub repo id) for a single-file --weights")
     p.add_argument("--limit", type=int, help="only the first N images (sorted by path), for a quick look")
     p.add_argument("--masks", type=mask_sizes, default=[168, 136], help="hole sides in pixels (default 168,136)")
     p.add_argument("--steps", type=int, default=Options().steps, help="DDIM steps (default %(default)s, the paper's)")
@@ -177,7 +178,7 @@ class Layout:
 
 def settings_of(args, names, device, dtype):
     weights = args.weights or os.environ.get("LDM_MIN_WEIGHTS") or DEFAULT_REPO
-    if Path(weights).is_dir():
+    if Path(weights).exists():
         weights = str(Path(weights).resolve())
     settings = {"images": len(names), "images_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
                 "masks": args.masks, "seed": args.seed, "weights": weights, "device": device.type,
@@ -386,7 +387,7 @@ def run_jobs(args, world, device, dtype, out, all_names, names):
     todo = jobs.pending(cases, lambda case: layout.result(case[0], case[2], case[3]), world)
     seconds = []
     if todo:
-        models = load_models(args.weights, args.device, args.dtype)
+        models = load_models(args.weights, args.device, args.dtype, tokenizer=args.tokenizer)
         for n, j, side, kind in jobs.mine(todo, world, "inpainting", args.quiet):
             start = time.perf_counter()
             prompt = "" if kind == "none" else captions[kind, side][layout.crop(n).name]
