@@ -207,6 +207,7 @@ def unet_blocks(cfg):
                 blocks[f"up_blocks.{i}.attentions.{j}"] = (f"output_blocks.{k}.1", {})
         if i < n - 1:  # every level but the last changes the size: the sampler after its last block
             blocks[f"down_blocks.{i}.downsamplers.0.conv"] = (f"input_blocks.{(i + 1) * (per + 1)}.0.op", {})
+            k = i * (per + 1) + per  # the level's last output block
             blocks[f"up_blocks.{i}.upsamplers.0.conv"] = (f"output_blocks.{k}.{1 + up_attention}.conv", {})
     return blocks
 

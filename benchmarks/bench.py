@@ -28,7 +28,8 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 from ldm_min import Options, inpaint  # noqa: E402
-from weights import assemble, build, checkpoint_configs, load_models, pick_device, read_configs, resolve  # noqa: E402
+from weights import (assemble, build, checkpoint_configs, load_models, pick_device, read_configs,  # noqa: E402
+                     resolve)
 
 # The real CLIP BPE vocabulary, kept with the test checkpoint: token ids only pick embedding rows,
 # so any valid ids time the same.
