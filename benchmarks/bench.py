@@ -195,7 +195,8 @@ def main(argv=None):
     weight_bytes = sum(p.numel() * p.element_size()
                        for m in (models.unet, models.vae, models.text_encoder) for p in m.parameters())
     image, mask = demo_picture(args.size)
-    run = lambda steps: inpaint(image, mask, models, Options(prompt=args.prompt, steps=steps))
+    # region "full": the model runs at --size (the default, "auto", would inpaint a crop of a large picture).
+    run = lambda steps: inpaint(image, mask, models, Options(prompt=args.prompt, steps=steps, region="full"))
     for _ in range(args.warmup if args.warmup is not None else int(device.type == "cuda")):
         run(1)
 

@@ -2,6 +2,7 @@
 one process, on the same random v1.4-size weights and the same inputs, alternating, best of N.
 
     python benchmarks/versus.py --dtype float32,bfloat16 --repeat 3
+    python benchmarks/versus.py --device cuda --dtype float16 --repeat 20
 
 diffusers is never a dependency of ldm_min: install it in a throwaway virtual environment (beside
 this project's requirements) to get the comparison. Without it, only ldm_min's figures print.
@@ -17,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench import PAPER_STEPS, random_models  # noqa: E402
+from bench import PAPER_STEPS, random_models, sync  # noqa: E402
 from weights import read_configs  # noqa: E402
 
 
@@ -41,10 +42,10 @@ def diffusers_twins(models):
 def parts(models, twins, size):
     """name -> (ldm_min's call, diffusers' call or None): the same input to both."""
     generator = torch.Generator().manual_seed(0)
-    x = (torch.rand(1, 3, size, size, generator=generator) * 2 - 1).to(models.dtype)
-    z = torch.randn(1, 4, size // 8, size // 8, generator=generator).to(models.dtype)
+    x = (torch.rand(1, 3, size, size, generator=generator) * 2 - 1).to(models.device, models.dtype)
+    z = torch.randn(1, 4, size // 8, size // 8, generator=generator).to(models.device, models.dtype)
     context = models.encode_text("")
-    t = torch.tensor(500)
+    t = torch.tensor(500, device=models.device)
     unet, vae = twins or (None, None)
     return {
         "UNet step": (lambda: models.unet(z, t, context),
@@ -54,28 +55,30 @@ def parts(models, twins, size):
     }
 
 
-def best_of(calls, repeat):
+def best_of(calls, repeat, device):
     """Each call's best time over `repeat` rounds, the calls alternating within a round."""
     seconds = {name: [] for name in calls}
     for _ in range(repeat):
         for name, call in calls.items():
+            sync(device)  # on CUDA, time the work, not its launch
             start = time.perf_counter()
             call()
+            sync(device)
             seconds[name].append(time.perf_counter() - start)
     return {name: min(s) for name, s in seconds.items()}
 
 
 @torch.no_grad()
-def compare(dtype, size, repeat):
+def compare(device, dtype, size, repeat):
     """Rows (part, dtype, ours, theirs or None) for one dtype."""
-    models = random_models(read_configs(), torch.device("cpu"), dtype, compile=False)
+    models = random_models(read_configs(), device, dtype, compile=False)
     twins = diffusers_twins(models)
     rows = []
     for name, (ours, theirs) in parts(models, twins, size).items():
         calls = {"ours": ours, **({"theirs": theirs} if theirs else {})}
         for call in calls.values():
             call()  # the first call picks kernels and allocates
-        best = best_of(calls, repeat)
+        best = best_of(calls, repeat, device)
         rows.append((name, best["ours"], best.get("theirs")))
     # The paper's run: E(y), 30 UNet steps, D(z_0); the sampler's own arithmetic is negligible.
     run = lambda i: rows[1][i] + PAPER_STEPS * rows[0][i] + rows[2][i] if rows[0][i] is not None else None
@@ -83,20 +86,29 @@ def compare(dtype, size, repeat):
     return [(name, str(dtype).removeprefix("torch."), ours, theirs) for name, ours, theirs in rows]
 
 
+def seconds(s):
+    return f"{s:.2f} s" if s >= 1 else f"{s * 1000:.1f} ms"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dtype", default="float32,bfloat16", help="comma-separated CPU dtypes (default %(default)s)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32,bfloat16", help="comma-separated dtypes (default %(default)s)")
     p.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
     p.add_argument("--repeat", type=int, default=3, help="timed rounds; the best counts (default 3)")
     args = p.parse_args(argv)
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    native = [f for f in ("avx512_bf16", "amx_bf16") if f in flags.split()]
-    print(f"{torch.get_num_threads()} threads; native bf16: {', '.join(native) or 'none'}; torch {torch.__version__}")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}")
+    else:
+        flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        native = [f for f in ("avx512_bf16", "amx_bf16") if f in flags.split()]
+        print(f"{torch.get_num_threads()} threads; native bf16: {', '.join(native) or 'none'}; torch {torch.__version__}")
     print("| part | dtype | ldm_min | diffusers | ratio |\n|---|---|---|---|---|")
     for dtype in args.dtype.split(","):
-        for name, kind, ours, theirs in compare(getattr(torch, dtype), args.size, args.repeat):
+        for name, kind, ours, theirs in compare(device, getattr(torch, dtype), args.size, args.repeat):
             ratio = f"{ours / theirs:.2f}" if theirs else "-"
-            print(f"| {name} | {kind} | {ours:.2f} s | {f'{theirs:.2f} s' if theirs else '-'} | {ratio} |", flush=True)
+            print(f"| {name} | {kind} | {seconds(ours)} | {seconds(theirs) if theirs else '-'} | {ratio} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -25,18 +25,19 @@ def sample(eps_theta, Ey, M_l, D, schedule, *, T, eta, seed, callback=None):
     x_0 = D(z_0). callback(i, t, z_prev, z0, z0_hat), if given, sees every step.
     """
     # Every draw is float32 on one CPU generator, in a fixed order, so a seed gives the same
-    # picture on any device: z_T first, then one eps_z per step (README, Conventions).
+    # picture on any device: z_T first, then one eps_z per step when eta > 0 (README, Conventions).
+    # All are drawn before the loop and moved in one copy: a copy to a GPU waits for it to finish
+    # its queued work, and inside the loop that would stall every step.
     generator = torch.Generator().manual_seed(seed)
-    noise = lambda: torch.randn(Ey.shape, generator=generator).to(Ey.device)
-
-    z = noise()                                                                   # line 1: z_T ~ N(0, I)
+    draws = torch.stack([torch.randn(Ey.shape, generator=generator) for _ in range(1 + T * (eta > 0))])
+    z, *eps_zs = draws.to(Ey.device)                                              # line 1: z_T ~ N(0, I)
     for i, (t, t_prev) in enumerate(schedule.timesteps(T)):                       # line 2: for t = T .. 1 (to line 6)
         abar_t, abar_prev = schedule.abar_at(t), schedule.abar_at(t_prev)
         eps = eps_theta(z, t)                                                     # used by lines 3 and 5
         z0 = (z - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()                      # line 3, eq. 3
         z0_hat = M_l * Ey + (1 - M_l) * z0                                        # line 4, eq. 5
         sigma = schedule.sigma(eta, abar_t, abar_prev)                            # eq. 2
-        eps_z = noise() if eta > 0 else 0
+        eps_z = eps_zs[i] if eta > 0 else 0
         z = abar_prev.sqrt() * z0_hat + (1 - abar_prev - sigma**2).sqrt() * eps + sigma * eps_z  # line 5, eq. 6
         if callback:
             callback(i, t, z, z0, z0_hat)
@@ -55,9 +56,10 @@ def eps_model(models, prompt, guidance):
 
     def eps_theta(z, t):
         # t goes in as a tensor on the UNet's device: a compiled UNet takes that as an input,
-        # where it would compile anew for each new Python int.
+        # where it would compile anew for each new Python int. torch.full writes it there, where
+        # torch.tensor would copy it from the CPU and wait for the GPU.
         z = z.to(models.dtype).expand(len(context), -1, -1, -1)
-        eps = models.unet(z, torch.tensor(t, device=z.device), context).float()
+        eps = models.unet(z, torch.full((), t, device=z.device), context).float()
         if guided:
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + guidance * (eps_c - eps_u)

@@ -10,6 +10,16 @@ GOLDEN = Path(__file__).parent / "golden"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # weights.py and inpaint.py live at the top level
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", choices=["cpu", "cuda"],
+                     help="where the device-generic tests run: the tiny checkpoint's runs and the CLI's (default cpu)")
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig):
+    return pytestconfig.getoption("device")
+
+
 @pytest.fixture(scope="session")
 def expected():
     """The golden tensors of tests/golden/README.md."""
@@ -24,8 +34,17 @@ def runs():
 
 
 @pytest.fixture(scope="session")
-def tiny():
-    """The tiny golden checkpoint, float32 on the CPU."""
+def tiny(device):
+    """The tiny golden checkpoint, float32 on the test device."""
+    from weights import load_models
+
+    return load_models(GOLDEN / "tiny-sd", device, "float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_cpu():
+    """The same on the CPU whatever the test device: for tests of loading, of the CPU's speed-ups,
+    and of runs that must match a CPU run bit for bit."""
     from weights import load_models
 
     return load_models(GOLDEN / "tiny-sd", "cpu", "float32")

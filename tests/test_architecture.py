@@ -43,6 +43,6 @@ def test_unet_has_860m_parameters(full_size):
 
 @pytest.mark.parametrize("h, w", [(7, 9), (8, 12), (5, 5), (1, 3), (13, 6)])
 def test_unet_accepts_any_latent_size(tiny, h, w):
-    z = torch.randn(1, 4, h, w)
+    z = torch.randn(1, 4, h, w, device=tiny.device)
     eps = tiny.unet(z, 500, tiny.encode_text(""))
     assert eps.shape == z.shape and torch.isfinite(eps).all()

@@ -36,7 +36,7 @@ def test_the_hole_is_filled_from_the_known_pixels_not_grey():
 
 
 def test_prompt_auto_captions_then_guides_every_unet_pass_with_the_caption(blip, blip_words, capsys, monkeypatch,
-                                                                           tmp_path):
+                                                                           tmp_path, device):
     contexts, load_models = [], weights.load_models
 
     def recording(*args, **kwargs):
@@ -49,7 +49,7 @@ def test_prompt_auto_captions_then_guides_every_unet_pass_with_the_caption(blip,
     monkeypatch.setattr(weights, "load_models", recording)
     monkeypatch.chdir(tmp_path)
     inpaint.run([str(IMAGE), str(MASK), "--weights", str(GOLDEN / "tiny-sd"), "--steps", "2", "--prompt", "auto",
-                 "--captioner", str(blip)])
+                 "--captioner", str(blip), "--device", device, "--dtype", "float32"])
     err = capsys.readouterr().err
     text = re.search(r"^caption: (.*)$", err, re.M).group(1)
     assert text and set(text.split()) <= blip_words
@@ -59,8 +59,8 @@ def test_prompt_auto_captions_then_guides_every_unet_pass_with_the_caption(blip,
     assert (tmp_path / "astronaut128_inpainted.png").is_file()
 
 
-def test_the_api_caption_is_the_one_the_cli_uses(blip, blip_words):
-    captioner = weights.load_captioner(blip, "cpu", "float32")
+def test_the_api_caption_is_the_one_the_cli_uses(blip, blip_words, device):
+    captioner = weights.load_captioner(blip, device, "float32")
     first, again = (caption(Image.open(IMAGE), Image.open(MASK), captioner) for _ in range(2))
     assert first == again and set(first.split()) <= blip_words
 

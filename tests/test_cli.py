@@ -20,14 +20,19 @@ TINY = GOLDEN / "tiny-sd"
 IMAGE, MASK = GOLDEN / "astronaut128.png", GOLDEN / "astronaut128_mask.png"
 
 
-def cli(capsys, *args, weights=TINY):
-    """Run inpaint.py in this process; returns (exit status, stderr)."""
-    try:
-        inpaint.run(["--weights", str(weights), "--steps", "3", *map(str, args)])
-        status = 0
-    except SystemExit as e:
-        status = e.code
-    return status, capsys.readouterr().err
+@pytest.fixture
+def cli(capsys, device):
+    """inpaint.py run in this process, on the test device in float32 unless the arguments say
+    otherwise (the last flag wins); each call returns (exit status, stderr)."""
+    def run(*args, weights=TINY):
+        try:
+            inpaint.run(["--weights", str(weights), "--steps", "3", "--device", device, "--dtype", "float32",
+                         *map(str, args)])
+            status = 0
+        except SystemExit as e:
+            status = e.code
+        return status, capsys.readouterr().err
+    return run
 
 
 def pixels(path):
@@ -39,50 +44,50 @@ def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
-def test_default_output_is_image_stem_inpainted_png_here(capsys, tmp_path):
-    status, err = cli(capsys, IMAGE, MASK)
+def test_default_output_is_image_stem_inpainted_png_here(cli, device, tmp_path):
+    status, err = cli(IMAGE, MASK)
     assert status == 0, err
     assert Image.open(tmp_path / "astronaut128_inpainted.png").size == (128, 128)
-    assert "seed 0, 3 steps, eta 0.85, cpu float32" in err and "astronaut128_inpainted.png" in err
+    assert f"seed 0, 3 steps, eta 0.85, {device} float32" in err and "astronaut128_inpainted.png" in err
 
 
 @pytest.mark.parametrize("run", ["run_a", "run_b", "run_c"])
-def test_cli_reproduces_golden_run(capsys, expected, runs, run):
+def test_cli_reproduces_golden_run(cli, expected, runs, run):
     r = runs[run]
-    status, err = cli(capsys, GOLDEN / r["image"], GOLDEN / r["mask"], "-o", "out.png", "--prompt", r["prompt"],
+    status, err = cli(GOLDEN / r["image"], GOLDEN / r["mask"], "-o", "out.png", "--prompt", r["prompt"],
                       "--guidance", r["guidance"], "--steps", r["steps"], "--eta", r["eta"], "--seed", r["seed"],
                       "--mask-dilate", r["dilate"])
     assert status == 0, err
     assert np.abs(pixels("out.png") - expected[f"{run}.image_uint8"].numpy()).max() <= 1
 
 
-def test_quiet_prints_nothing(capsys):
-    assert cli(capsys, IMAGE, MASK, "--quiet") == (0, "")
+def test_quiet_prints_nothing(cli):
+    assert cli(IMAGE, MASK, "--quiet") == (0, "")
 
 
-def test_same_seed_gives_the_same_bytes(capsys):
-    cli(capsys, IMAGE, MASK, "-o", "a.png", "--seed", "5")
-    cli(capsys, IMAGE, MASK, "-o", "b.png", "--seed", "5")
+def test_same_seed_gives_the_same_bytes(cli):
+    cli(IMAGE, MASK, "-o", "a.png", "--seed", "5")
+    cli(IMAGE, MASK, "-o", "b.png", "--seed", "5")
     assert open("a.png", "rb").read() == open("b.png", "rb").read()
 
 
-def test_another_seed_gives_another_picture(capsys):
-    cli(capsys, IMAGE, MASK, "-o", "a.png", "--seed", "5")
-    cli(capsys, IMAGE, MASK, "-o", "b.png", "--seed", "6")
+def test_another_seed_gives_another_picture(cli):
+    cli(IMAGE, MASK, "-o", "a.png", "--seed", "5")
+    cli(IMAGE, MASK, "-o", "b.png", "--seed", "6")
     assert np.abs(pixels("a.png") - pixels("b.png")).max() > 10
 
 
-def test_invert_mask_is_the_same_as_an_inverted_mask_file(capsys):
+def test_invert_mask_is_the_same_as_an_inverted_mask_file(cli):
     Image.fromarray(255 - np.asarray(Image.open(MASK).convert("L"))).save("inverted.png")
-    cli(capsys, IMAGE, "inverted.png", "--invert-mask", "-o", "a.png")
-    cli(capsys, IMAGE, MASK, "-o", "b.png")
+    cli(IMAGE, "inverted.png", "--invert-mask", "-o", "a.png")
+    cli(IMAGE, MASK, "-o", "b.png")
     assert open("a.png", "rb").read() == open("b.png", "rb").read()
 
 
 @pytest.mark.parametrize("feather", [0, 3])
-def test_paste_back_keeps_the_original_pixels_away_from_the_hole(capsys, feather):
-    cli(capsys, IMAGE, MASK, "-o", "plain.png")
-    cli(capsys, IMAGE, MASK, "-o", "pasted.png", "--paste-back", "--feather", feather)
+def test_paste_back_keeps_the_original_pixels_away_from_the_hole(cli, feather):
+    cli(IMAGE, MASK, "-o", "plain.png")
+    cli(IMAGE, MASK, "-o", "pasted.png", "--paste-back", "--feather", feather)
     hole = np.asarray(Image.open(MASK).convert("L")) >= 128
     near = hole.copy()  # within `feather` pixels (chessboard distance) of the hole
     for _ in range(feather):
@@ -94,43 +99,43 @@ def test_paste_back_keeps_the_original_pixels_away_from_the_hole(capsys, feather
     assert not np.array_equal(plain[~near], original[~near])  # without it, the VAE changes known pixels
 
 
-def test_odd_image_size_comes_back_at_its_size(capsys):
+def test_odd_image_size_comes_back_at_its_size(cli):
     Image.open(IMAGE).resize((100, 76)).save("odd.png")
     Image.open(MASK).resize((100, 76)).save("odd_mask.png")
-    assert cli(capsys, "odd.png", "odd_mask.png")[0] == 0
+    assert cli("odd.png", "odd_mask.png")[0] == 0
     assert Image.open("odd_inpainted.png").size == (100, 76)
 
 
-def test_whole_image_hole_is_allowed_and_said_to_be_unconditional(capsys):
+def test_whole_image_hole_is_allowed_and_said_to_be_unconditional(cli):
     Image.new("L", (128, 128), 255).save("all.png")
-    status, err = cli(capsys, IMAGE, "all.png", "-o", "out.png")
+    status, err = cli(IMAGE, "all.png", "-o", "out.png")
     assert status == 0 and Image.open("out.png").size == (128, 128)
     assert err.count("unconditional generation") == 1
 
 
-def test_a_big_photo_says_which_region_was_inpainted(capsys):
+def test_a_big_photo_says_which_region_was_inpainted(cli):
     Image.open(IMAGE).resize((1000, 800)).save("big.png")
     mask = Image.new("L", (1000, 800))
     mask.paste(255, (600, 300, 640, 340))
     mask.save("big_mask.png")
-    status, err = cli(capsys, "big.png", "big_mask.png", "--steps", "1")
+    status, err = cli("big.png", "big_mask.png", "--steps", "1")
     assert status == 0 and "region 512x512 at (364, 64), scaled 1.00x" in err
     assert Image.open("big_inpainted.png").size == (1000, 800)
 
 
-def test_region_full_and_auto_write_the_same_file_for_a_small_image(capsys):
-    cli(capsys, IMAGE, MASK, "-o", "auto.png")
-    cli(capsys, IMAGE, MASK, "-o", "full.png", "--region", "full")
+def test_region_full_and_auto_write_the_same_file_for_a_small_image(cli):
+    cli(IMAGE, MASK, "-o", "auto.png")
+    cli(IMAGE, MASK, "-o", "full.png", "--region", "full")
     assert open("auto.png", "rb").read() == open("full.png", "rb").read()
 
 
-def test_thin_strokes_are_one_warning_line_and_cover_paints_them(capsys):
+def test_thin_strokes_are_one_warning_line_and_cover_paints_them(cli):
     stroke = np.zeros((128, 128), np.uint8)
     stroke[:, 3] = 255
     Image.fromarray(stroke).save("stroke.png")
-    status, err = cli(capsys, IMAGE, "stroke.png", "-o", "nearest.png")
+    status, err = cli(IMAGE, "stroke.png", "-o", "nearest.png")
     assert status == 0 and "warning: 128 of 128 hole pixels (100%) fall between the 8-pixel latent grid" in err
-    status, err = cli(capsys, IMAGE, "stroke.png", "-o", "cover.png", "--latent-mask", "cover")
+    status, err = cli(IMAGE, "stroke.png", "-o", "cover.png", "--latent-mask", "cover")
     assert status == 0 and "warning" not in err
     assert not np.array_equal(pixels("nearest.png"), pixels("cover.png"))
 
@@ -177,42 +182,42 @@ def digest(folder):
 
 
 @pytest.mark.parametrize("case", BAD)
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, case):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(cli, tmp_path, case):
     make_args, message = BAD[case]
     args = make_args()
     before, golden = digest(tmp_path), digest(GOLDEN)
-    status, err = cli(capsys, *args)
+    status, err = cli(*args)
     assert status == 2
     assert err.count("\n") == 1 and err.startswith("error: "), err
     assert re.search(message, err), err
     assert digest(tmp_path) == before and digest(GOLDEN) == golden  # no output, no input changed
 
 
-def test_pickle_only_weights_are_refused_by_the_cli(capsys, tmp_path):
+def test_pickle_only_weights_are_refused_by_the_cli(cli, tmp_path):
     import shutil
 
     folder = shutil.copytree(TINY, tmp_path / "w")
     (folder / "unet" / "diffusion_pytorch_model.safetensors").rename(folder / "unet" / "diffusion_pytorch_model.bin")
-    status, err = cli(capsys, IMAGE, MASK, weights=folder)
+    status, err = cli(IMAGE, MASK, weights=folder)
     assert status == 2 and "safetensors" in err and not (tmp_path / "astronaut128_inpainted.png").exists()
 
 
-def test_too_large_image_is_refused_before_sampling(capsys, monkeypatch):
+def test_too_large_image_is_refused_before_sampling(cli, monkeypatch):
     import ldm_min.models
 
     monkeypatch.setattr(ldm_min.models, "available_memory", lambda device: 2**20)
-    status, err = cli(capsys, IMAGE, MASK)
+    status, err = cli(IMAGE, MASK)
     assert status == 2 and "GiB of memory" in err and "make the image smaller" in err
 
 
-def test_a_crash_while_writing_leaves_no_file(capsys, tmp_path, monkeypatch):
+def test_a_crash_while_writing_leaves_no_file(cli, tmp_path, monkeypatch):
     def broken_save(self, fp, *args, **kwargs):
         fp.write(b"half a picture")
         raise OSError("disk full")
 
     monkeypatch.setattr(Image.Image, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        cli(capsys, IMAGE, MASK)
+        cli(IMAGE, MASK)
     assert os.listdir(tmp_path) == []
 
 

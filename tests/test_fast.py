@@ -22,36 +22,36 @@ def test_matmul_convolution_is_the_convolution(kernel, size):
 
 
 @pytest.fixture(scope="module")
-def plain(tiny):
+def plain(tiny_cpu):
     """The tiny checkpoint's UNet and VAE as built, with the loaded weights, and no speed-up."""
     with torch.device("meta"):
         modules = build(read_configs(TINY))
     for part in ("unet", "vae"):
-        modules[part].to_empty(device="cpu").load_state_dict(getattr(tiny, part).state_dict())
+        modules[part].to_empty(device="cpu").load_state_dict(getattr(tiny_cpu, part).state_dict())
     return modules
 
 
-def test_the_sped_up_models_have_matmul_convolutions(tiny):
-    assert any(isinstance(m, fast.MatmulConv2d) for m in tiny.unet.modules())
-    assert any(isinstance(m, fast.MatmulConv2d) for m in tiny.vae.modules())
+def test_the_sped_up_models_have_matmul_convolutions(tiny_cpu):
+    assert any(isinstance(m, fast.MatmulConv2d) for m in tiny_cpu.unet.modules())
+    assert any(isinstance(m, fast.MatmulConv2d) for m in tiny_cpu.vae.modules())
 
 
 @pytest.mark.parametrize("h, w", [(8, 8), (16, 16), (5, 7)])
-def test_sped_up_unet_computes_what_the_plain_unet_computes(tiny, plain, monkeypatch, h, w):
+def test_sped_up_unet_computes_what_the_plain_unet_computes(tiny_cpu, plain, monkeypatch, h, w):
     z, context = torch.randn(2, 4, h, w), torch.randn(2, 77, 32)
     unfolds, unfold = [], F.unfold
     monkeypatch.setattr(F, "unfold", lambda *a, **k: unfolds.append(1) or unfold(*a, **k))
     with torch.no_grad():
-        fast_eps = tiny.unet(z, 500, context)
+        fast_eps = tiny_cpu.unet(z, 500, context)
         assert unfolds  # the matrix-product path ran
         assert torch.allclose(fast_eps, plain["unet"](z, 500, context), rtol=1e-4, atol=1e-5)
 
 
-def test_sped_up_vae_computes_what_the_plain_vae_computes(tiny, plain):
+def test_sped_up_vae_computes_what_the_plain_vae_computes(tiny_cpu, plain):
     x, z = torch.rand(1, 3, 64, 48) * 2 - 1, torch.randn(1, 4, 8, 6)
     with torch.no_grad():
-        assert torch.allclose(tiny.vae.encode(x), plain["vae"].encode(x), rtol=1e-4, atol=1e-5)
-        assert torch.allclose(tiny.vae.decode(z), plain["vae"].decode(z), rtol=1e-4, atol=1e-5)
+        assert torch.allclose(tiny_cpu.vae.encode(x), plain["vae"].encode(x), rtol=1e-4, atol=1e-5)
+        assert torch.allclose(tiny_cpu.vae.decode(z), plain["vae"].decode(z), rtol=1e-4, atol=1e-5)
 
 
 def test_channels_last_inside_a_module_and_the_default_layout_out():

@@ -104,6 +104,27 @@ def test_eta_0_draws_only_z_T_and_eta_above_0_one_noise_per_step(monkeypatch):
     assert len(draws) == 1 + 6
 
 
+def test_all_noise_is_drawn_before_the_first_step(monkeypatch):
+    draws, seen = [], []
+    randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: draws.append(a) or randn(*a, **k))
+    eps_theta = point_mass_eps([torch.zeros(4, 2, 2)])
+    run(lambda z, t: seen.append(len(draws)) or eps_theta(z, t), torch.zeros(1, 4, 2, 2), torch.ones(1, 1, 2, 2),
+        steps=5, eta=0.5)
+    assert seen == [1 + 5] * 5
+
+
+def test_the_step_loop_never_waits_for_the_gpu(tiny, device):
+    if device != "cuda":
+        pytest.skip("needs a GPU: pytest --device cuda")
+    Ey = torch.zeros(1, 4, 8, 8, device=device)
+    strict = lambda i, *_: torch.cuda.set_sync_debug_mode("error")  # from the end of the first step on
+    try:
+        run(eps_model(tiny, "a cat", 7.5), Ey, torch.ones_like(Ey), steps=4, eta=0.85, callback=strict)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_eta_0_gives_the_same_result_twice():
     eps_theta = point_mass_eps([torch.ones(4, 4, 4), -torch.ones(4, 4, 4)])
     runs = [run(eps_theta, torch.ones(1, 4, 4, 4), torch.zeros(1, 1, 4, 4), steps=8, eta=0.0) for _ in range(2)]
@@ -126,7 +147,7 @@ class Recorder:
 def test_unet_passes_per_step_follow_the_prompt_and_guidance(tiny, monkeypatch, prompt, guidance, batch):
     recorder = Recorder(tiny.unet)
     monkeypatch.setattr(tiny, "unet", recorder)
-    Ey = torch.zeros(1, 4, 4, 4)
+    Ey = torch.zeros(1, 4, 4, 4, device=tiny.device)
     run(eps_model(tiny, prompt, guidance), Ey, torch.ones_like(Ey), steps=3, eta=0.85)
     expected = torch.cat([tiny.encode_text(text) for text in batch])
     assert len(recorder.contexts) == 3
@@ -134,7 +155,7 @@ def test_unet_passes_per_step_follow_the_prompt_and_guidance(tiny, monkeypatch, 
 
 
 def test_guided_eps_is_eps_u_plus_g_times_eps_c_minus_eps_u(tiny):
-    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)).to(tiny.device)
     eps_u, eps_c = (eps_model(tiny, prompt, 1.0)(z, 500) for prompt in ("", "a cat"))
     assert torch.allclose(eps_model(tiny, "a cat", 7.5)(z, 500), eps_u + 7.5 * (eps_c - eps_u), atol=1e-4)
 
@@ -148,6 +169,6 @@ def test_a_compiled_unet_is_compiled_once_for_all_timesteps(tiny, monkeypatch):
 
     torch._dynamo.reset()
     monkeypatch.setattr(tiny, "unet", torch.compile(tiny.unet, backend=backend))
-    Ey = torch.zeros(1, 4, 4, 4)
+    Ey = torch.zeros(1, 4, 4, 4, device=tiny.device)
     run(eps_model(tiny, "", 7.5), Ey, torch.ones_like(Ey), steps=3, eta=0.85)
     assert len(graphs) == 1

@@ -66,22 +66,22 @@ def load(path, dtype="float32"):
 
 
 @pytest.mark.parametrize("text_model_level", [True, False])
-def test_a_single_file_loads_the_folders_weights_bit_for_bit(tmp_path, tiny_configs, tiny, text_model_level):
+def test_a_single_file_loads_the_folders_weights_bit_for_bit(tmp_path, tiny_configs, tiny_cpu, text_model_level):
     models = load(single_file(tmp_path / "tiny.safetensors", text_model_level))
     for part in ("unet", "vae", "text_encoder"):
-        ours, theirs = getattr(models, part).state_dict(), getattr(tiny, part).state_dict()
+        ours, theirs = getattr(models, part).state_dict(), getattr(tiny_cpu, part).state_dict()
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[name], theirs[name]) for name in ours), part
 
 
-def test_the_golden_run_is_the_same_picture_from_the_single_file(model_file, tiny, expected, runs):
+def test_the_golden_run_is_the_same_picture_from_the_single_file(model_file, tiny_cpu, expected, runs):
     r = runs["run_b"]
     options = Options(prompt=r["prompt"], guidance=r["guidance"], steps=r["steps"], eta=r["eta"], seed=r["seed"],
                       dilate=r["dilate"])
     picture = lambda models: np.asarray(run_inpaint(images.open_image(GOLDEN / r["image"]),
                                                     images.open_image(GOLDEN / r["mask"]), models, options))
     result = picture(load(model_file))
-    assert np.array_equal(result, picture(tiny))
+    assert np.array_equal(result, picture(tiny_cpu))
     assert np.abs(result.astype(np.int16) - expected["run_b.image_uint8"].numpy()).max() <= 1
 
 
@@ -93,12 +93,12 @@ def test_the_cli_takes_a_single_file_and_a_tokenizer_folder(model_file, tmp_path
     assert (tmp_path / "file.png").read_bytes() == (tmp_path / "folder.png").read_bytes()
 
 
-def test_a_float16_file_loads_in_float32(tmp_path, tiny_configs, tiny):
+def test_a_float16_file_loads_in_float32(tmp_path, tiny_configs, tiny_cpu):
     path = single_file(tmp_path / "half.safetensors", change=lambda ts: {n: t.half() if t.is_floating_point() else t
                                                                           for n, t in ts.items()})
     models = load(path)
     assert models.unet.conv_in.weight.dtype == torch.float32
-    assert torch.equal(models.unet.conv_in.weight, tiny.unet.conv_in.weight.half().float())
+    assert torch.equal(models.unet.conv_in.weight, tiny_cpu.unet.conv_in.weight.half().float())
 
 
 def full_size_names():

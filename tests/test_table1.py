@@ -97,11 +97,11 @@ def test_masks_are_centred_white_squares_to_the_pixel(reference, side, start):
 
 
 @pytest.mark.parametrize("n, side, seed", [(0, 168, 0), (1, 136, 3)])  # job k = n * 2 + j: seed 0 + k
-def test_output_is_inpaint_of_the_saved_crop_and_mask_with_seed_base_plus_k(reference, tiny, n, side, seed):
+def test_output_is_inpaint_of_the_saved_crop_and_mask_with_seed_base_plus_k(reference, tiny_cpu, n, side, seed):
     from ldm_min import Options, inpaint
 
     crop = next((reference / "crops").glob(f"{n:04d}_*.png"))
-    expected = inpaint(Image.open(crop), Image.open(reference / "masks" / f"hole{side}.png"), tiny,
+    expected = inpaint(Image.open(crop), Image.open(reference / "masks" / f"hole{side}.png"), tiny_cpu,
                        Options(steps=2, seed=seed))
     result = Image.open(reference / "inpainted" / f"hole{side}" / crop.name)
     assert np.array_equal(np.asarray(result), np.asarray(expected))

@@ -50,11 +50,11 @@ def new_style(ckpt):
     rewrite(ckpt, UNET, lambda ts: {n: t.half() for n, t in ts.items()}, ".fp16")
 
 
-def test_new_style_fp16_variant_checkpoint_gives_the_same_results(ckpt, tiny, expected):
+def test_new_style_fp16_variant_checkpoint_gives_the_same_results(ckpt, tiny_cpu, expected):
     new_style(ckpt)
     models = load_models(ckpt, "cpu", "float32")
     with torch.no_grad():
-        pairs = [(models.encode_text("a photo of a cat"), tiny.encode_text("a photo of a cat")),
+        pairs = [(models.encode_text("a photo of a cat"), tiny_cpu.encode_text("a photo of a cat")),
                  (models.unet(expected["unet.in.z"], 500, expected["unet.in.context"]), expected["unet.out.eps.t500"]),
                  (models.vae.encode(expected["vae.in.x"]), expected["vae.out.encode_mean_scaled"]),
                  (models.vae.decode(expected["vae.in.z_scaled"]), expected["vae.out.decode"])]
