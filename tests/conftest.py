@@ -34,20 +34,51 @@ def runs():
 
 
 @pytest.fixture(scope="session")
-def tiny(device):
-    """The tiny golden checkpoint, float32 on the test device."""
-    from weights import load_models
-
-    return load_models(GOLDEN / "tiny-sd", device, "float32")
-
-
-@pytest.fixture(scope="session")
 def tiny_cpu():
-    """The same on the CPU whatever the test device: for tests of loading, of the CPU's speed-ups,
-    and of runs that must match a CPU run bit for bit."""
+    """The tiny golden checkpoint, float32 on the CPU whatever the test device: for tests of loading,
+    of the CPU's speed-ups, and of runs that must match a CPU run bit for bit."""
     from weights import load_models
 
     return load_models(GOLDEN / "tiny-sd", "cpu", "float32")
+
+
+@pytest.fixture(scope="session")
+def tiny(device, tiny_cpu):
+    """The same on the test device."""
+    from weights import load_models
+
+    return tiny_cpu if device == "cpu" else load_models(GOLDEN / "tiny-sd", device, "float32")
+
+
+@pytest.fixture(scope="session")
+def golden_picture(runs):
+    """picture(models, name, callback=None): what `inpaint()` makes of golden run `name` with `models`."""
+    from ldm_min import Options, images, inpaint
+
+    def picture(models, name, callback=None):
+        r = runs[name]
+        options = Options(prompt=r["prompt"], guidance=r["guidance"], steps=r["steps"], eta=r["eta"], seed=r["seed"],
+                          dilate=r["dilate"])
+        return inpaint(images.open_image(GOLDEN / r["image"]), images.open_image(GOLDEN / r["mask"]), models, options,
+                       callback=callback)
+    return picture
+
+
+@pytest.fixture
+def cli(capsys, device):
+    """inpaint.py run in this process on the tiny checkpoint, 3 steps, on the test device in float32
+    unless the arguments say otherwise (the last flag wins); each call returns (exit status, stderr)."""
+    import inpaint
+
+    def run(*args, weights=GOLDEN / "tiny-sd"):
+        try:
+            inpaint.run(["--weights", str(weights), "--steps", "3", "--device", device, "--dtype", "float32",
+                         *map(str, args)])
+            status = 0
+        except SystemExit as e:
+            status = e.code
+        return status, capsys.readouterr().err
+    return run
 
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "photo", "of", "cat", "dog", "on", "the",

@@ -7,27 +7,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import inpaint
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
 TINY = GOLDEN / "tiny-sd"
 NAMES = ["a.png", "b.jpg", "c.png"]
-
-
-@pytest.fixture
-def cli(capsys, device):
-    """inpaint.py run in this process on the tiny checkpoint, on the test device in float32; each
-    call returns (exit status, stderr)."""
-    def run(*args):
-        try:
-            inpaint.run([*map(str, args), "--weights", str(TINY), "--steps", "2", "--device", device, "--dtype",
-                         "float32"])
-            status = 0
-        except SystemExit as e:
-            status = e.code
-        return status, capsys.readouterr().err
-    return run
 
 
 @pytest.fixture

@@ -12,27 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-import inpaint
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
 TINY = GOLDEN / "tiny-sd"
 IMAGE, MASK = GOLDEN / "astronaut128.png", GOLDEN / "astronaut128_mask.png"
-
-
-@pytest.fixture
-def cli(capsys, device):
-    """inpaint.py run in this process, on the test device in float32 unless the arguments say
-    otherwise (the last flag wins); each call returns (exit status, stderr)."""
-    def run(*args, weights=TINY):
-        try:
-            inpaint.run(["--weights", str(weights), "--steps", "3", "--device", device, "--dtype", "float32",
-                         *map(str, args)])
-            status = 0
-        except SystemExit as e:
-            status = e.code
-        return status, capsys.readouterr().err
-    return run
 
 
 def pixels(path):

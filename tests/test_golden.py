@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_min import Options, images, inpaint
+from ldm_min import images
 from weights import load_models
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -57,13 +57,9 @@ def test_latent_mask_matches_golden(expected, dilate):
 
 @pytest.mark.filterwarnings("ignore:63 of 1334 hole pixels")  # run_c's thin stroke: the paper's rule misses some
 @pytest.mark.parametrize("run", ["run_a", "run_b", "run_c"])
-def test_inpaint_reproduces_golden_run(tiny, expected, runs, run):
-    r = runs[run]
+def test_inpaint_reproduces_golden_run(tiny, expected, golden_picture, run):
     latents = []
-    options = Options(prompt=r["prompt"], guidance=r["guidance"], steps=r["steps"], eta=r["eta"], seed=r["seed"],
-                      dilate=r["dilate"])
-    result = inpaint(images.open_image(GOLDEN / r["image"]), images.open_image(GOLDEN / r["mask"]), tiny, options,
-                     callback=lambda i, t, z, *_: latents.append(z[0].cpu()))
+    result = golden_picture(tiny, run, callback=lambda i, t, z, *_: latents.append(z[0].cpu()))
     assert (torch.stack(latents) - expected[f"{run}.latents"]).abs().max() <= 1e-3
     image = np.asarray(result, dtype=np.int16)
     assert image.shape == tuple(expected[f"{run}.image_uint8"].shape)
@@ -77,13 +73,9 @@ HALF_TOLERANCE = {"bfloat16": (32, 2.0), "float16": (6, 0.5)}
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_a_half_precision_run_stays_near_the_golden_picture(device, expected, runs, dtype):
+def test_a_half_precision_run_stays_near_the_golden_picture(device, expected, golden_picture, dtype):
     if device == "cpu" and dtype == "float16":
         pytest.skip("float16 is refused on the CPU")
-    r = runs["run_b"]  # guided: the largest error
-    options = Options(prompt=r["prompt"], guidance=r["guidance"], steps=r["steps"], eta=r["eta"], seed=r["seed"],
-                      dilate=r["dilate"])
-    result = inpaint(images.open_image(GOLDEN / r["image"]), images.open_image(GOLDEN / r["mask"]),
-                     load_models(GOLDEN / "tiny-sd", device, dtype), options)
+    result = golden_picture(load_models(GOLDEN / "tiny-sd", device, dtype), "run_b")  # guided: the largest error
     error = np.abs(np.asarray(result, dtype=np.int16) - expected["run_b.image_uint8"].numpy())
     assert error.max() <= HALF_TOLERANCE[dtype][0] and error.mean() <= HALF_TOLERANCE[dtype][1]

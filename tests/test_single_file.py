@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import inpaint
 import weights
-from ldm_min import Options, WeightsError, images, inpaint as run_inpaint
+from ldm_min import WeightsError
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
@@ -74,12 +74,8 @@ def test_a_single_file_loads_the_folders_weights_bit_for_bit(tmp_path, tiny_conf
         assert all(torch.equal(ours[name], theirs[name]) for name in ours), part
 
 
-def test_the_golden_run_is_the_same_picture_from_the_single_file(model_file, tiny_cpu, expected, runs):
-    r = runs["run_b"]
-    options = Options(prompt=r["prompt"], guidance=r["guidance"], steps=r["steps"], eta=r["eta"], seed=r["seed"],
-                      dilate=r["dilate"])
-    picture = lambda models: np.asarray(run_inpaint(images.open_image(GOLDEN / r["image"]),
-                                                    images.open_image(GOLDEN / r["mask"]), models, options))
+def test_the_golden_run_is_the_same_picture_from_the_single_file(model_file, tiny_cpu, expected, golden_picture):
+    picture = lambda models: np.asarray(golden_picture(models, "run_b"))
     result = picture(load(model_file))
     assert np.array_equal(result, picture(tiny_cpu))
     assert np.abs(result.astype(np.int16) - expected["run_b.image_uint8"].numpy()).max() <= 1
