@@ -15,6 +15,13 @@ def pytest_addoption(parser):
                      help="where the device-generic tests run: the tiny checkpoint's runs and the CLI's (default cpu)")
 
 
+def pytest_configure(config):
+    import torch
+
+    if config.getoption("device") == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--device cuda: no CUDA GPU is available to PyTorch here")
+
+
 @pytest.fixture(scope="session")
 def device(pytestconfig):
     return pytestconfig.getoption("device")
