@@ -34,11 +34,7 @@ def diffusers_twins(models):
         config = {k: v for k, v in configs[part].items() if not k.startswith("_")}
         with torch.device("meta"):
             theirs = cls(**config)
-        # The same values in the default layout, as diffusers loads them: ldm_min may keep convolution
-        # weights channels-last, and a 1x1 one would pass that on (its strides fit both layouts).
-        state = {k: v.clone(memory_format=torch.contiguous_format) if v.dim() == 4 else v
-                 for k, v in ours.state_dict().items()}
-        theirs.load_state_dict(state, strict=True, assign=True)
+        theirs.load_state_dict(ours.state_dict(), strict=True, assign=True)
         twins.append(theirs.requires_grad_(False).eval())
     return twins
 

@@ -1,32 +1,46 @@
 """What makes the models fast, in one place, applied after loading: the model files show the
 architecture only. Each speed-up computes what the plain modules compute (tests/test_fast.py)."""
+import ctypes
+import sys
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+# glibc keeps freed heap memory for reuse, and only malloc_trim hands it back to the system.
+malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform == "linux" else None
 
-class MatmulConv2d(nn.Conv2d):
-    """A stride-1, size-keeping convolution that does small float32 feature maps on the CPU as one
-    matrix product over unfolded patches. PyTorch's CPU convolution (oneDNN) re-lays out the
-    weights on every call; on the UNet's 8x8 and 16x16 maps that costs more than the arithmetic,
-    and the matrix product, which reads the weights as they are, is 1.1-3x faster there (a 512x512
-    float32 UNet step: 10% faster). In bfloat16 the arithmetic dominates: nothing to gain."""
 
-    SMALL = 512  # batch * height * width up to which the matrix product wins (measured, float32)
+class PackedConv2d(nn.Conv2d):
+    """A CPU convolution whose weights oneDNN lays out for its kernels once, at the first call, and
+    not again at every call as `F.conv2d` does. On channels-last feature maps it computes exactly
+    what `nn.Conv2d` computes, and its state dict holds the plain weights. It pays most where the
+    weights outweigh the feature maps: a 1280-wide 3x3 convolution at 8x8 took 5.8 -> 1.4 ms in
+    bfloat16, and 26 -> 6.5 ms in float32."""
 
     def forward(self, x):
-        b, _, h, w = x.shape
-        if x.device.type != "cpu" or x.dtype != torch.float32 or b * h * w > self.SMALL:
-            return super().forward(x)
-        patches = F.unfold(x, self.kernel_size, padding=self.padding)  # (B, C_in * k * k, H * W)
-        return (self.weight.flatten(1) @ patches + self.bias[:, None]).unflatten(-1, (h, w))
+        if not self.weight.is_mkldnn:
+            # Laid out for this input's size, which picks the kernel: packed without it, a float32
+            # 512x512 UNet step took 3.9 s, against 3.1 (and 4.3 unpacked).
+            packed = torch.ops.mkldnn._reorder_convolution_weight(
+                self.weight.detach(), self.padding, self.stride, self.dilation, self.groups, x.shape)
+            self.weight = nn.Parameter(packed, requires_grad=False)
+            if malloc_trim:
+                # The plain weights are freed now, but glibc would keep most of them, and the VAE
+                # decoder's large maps do not reuse that memory: bfloat16 peaked 0.3 GiB higher.
+                malloc_trim(0)
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], "")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight.is_mkldnn:
+            destination[prefix + "weight"] = self.weight.to_dense()
 
 
-def between_feature_maps(conv):
-    """Stride 1, size-keeping, and wide on both sides: not one of the thin convolutions into and
-    out of the image (3 channels), the latent (4) or its moments (8), which have little to gain."""
-    size_keeping = conv.stride == (1, 1) and conv.padding == tuple(k // 2 for k in conv.kernel_size)
-    return size_keeping and min(conv.in_channels, conv.out_channels) > 8
+def packs(dtype):
+    """Whether this PyTorch build's oneDNN runs CPU convolutions in `dtype` (bfloat16 needs AVX-512)."""
+    return torch.backends.mkldnn.is_available() and (
+        dtype == torch.float32 or dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def channels_last_inside(module):
@@ -38,20 +52,24 @@ def channels_last_inside(module):
     module.register_forward_hook(lambda m, args, out: out.contiguous())
 
 
+def pack_convolutions(module):
+    for m in module.modules():
+        if type(m) is nn.Conv2d:
+            m.__class__ = PackedConv2d  # same parameters, another forward
+
+
 def speed_up(models, compile=False):
-    """Make loaded `models` fast, in place: each convolution between feature maps a
-    `MatmulConv2d`, the VAE's encoder and decoder channels-last inside (and the UNet, weights
-    too, in bfloat16 on the CPU), and with `compile` the UNet compiled by torch.compile (once per
-    run: its timestep is a tensor input)."""
-    for module in (*models.unet.modules(), *models.vae.modules()):
-        if type(module) is nn.Conv2d and between_feature_maps(module):
-            module.__class__ = MatmulConv2d  # same parameters, another forward
+    """Make loaded `models` fast, in place: the VAE's encoder and decoder channels-last inside; on
+    the CPU every convolution a `PackedConv2d`, and the UNet channels-last inside too; with `compile`
+    the UNet compiled by torch.compile (once per run: its timestep is a tensor input). After this the
+    modules are for inference only: no `.to()`, no training, no torch.compile of one's own."""
     channels_last_inside(models.vae.encoder)
     channels_last_inside(models.vae.decoder)
-    if models.device.type == "cpu" and models.dtype == torch.bfloat16:
-        # oneDNN's bfloat16 convolutions want weights and feature maps both channels-last: with AMX a
-        # UNet step took 1.03 s against 1.19 in the default layout. In float32 it gains nothing.
-        channels_last_inside(models.unet.to(memory_format=torch.channels_last))
+    if models.device.type == "cpu" and packs(models.dtype):
+        pack_convolutions(models.vae)
+        if not compile:  # a UNet to be compiled stays plain: torch.compile traces it and picks its layouts
+            pack_convolutions(models.unet)
+            channels_last_inside(models.unet)
     if compile:
         # On CUDA also replayed as a CUDA graph, launched at once: eager PyTorch spends as long launching
         # the UNet's kernels as the GPU spends running them (an H100, float16, 512 px: a step 19 -> 7.7 ms,
