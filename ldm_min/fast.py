@@ -1,6 +1,7 @@
 """What makes the models fast, in one place, applied after loading: the model files show the
 architecture only. Each speed-up computes what the plain modules compute (tests/test_fast.py)."""
 import ctypes
+import platform
 import sys
 
 import torch
@@ -38,8 +39,9 @@ class PackedConv2d(nn.Conv2d):
 
 
 def packs(dtype):
-    """Whether this PyTorch build's oneDNN runs CPU convolutions in `dtype` (bfloat16 needs AVX-512)."""
-    return torch.backends.mkldnn.is_available() and (
+    """Whether oneDNN's packed convolutions run here in `dtype`: on x86 (the CPUs they were measured on;
+    ARM builds route oneDNN through other kernels), and in bfloat16 only with AVX-512."""
+    return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available() and (
         dtype == torch.float32 or dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 

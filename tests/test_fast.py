@@ -12,8 +12,12 @@ from weights import build, load_models, read_configs
 TINY = Path(__file__).parent / "golden" / "tiny-sd"
 
 
-DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-    not fast.packs(torch.bfloat16), reason="this CPU's oneDNN has no bfloat16 convolutions"))]
+def packing(dtype):
+    """Skips a test where oneDNN's packed convolutions do not run in `dtype` (fast.packs)."""
+    return pytest.mark.skipif(not fast.packs(dtype), reason=f"no packed {dtype} convolutions on this machine")
+
+
+DTYPES = [pytest.param(dtype, marks=packing(dtype)) for dtype in (torch.float32, torch.bfloat16)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -28,6 +32,7 @@ def test_packed_convolution_is_the_convolution(dtype, kernel, stride):
         assert conv.weight.is_mkldnn  # packed by that first call
 
 
+@packing(torch.float32)
 def test_packed_convolution_takes_other_sizes_than_its_first():
     conv, first, other = nn.Conv2d(8, 8, 3, padding=1), torch.randn(1, 8, 16, 16), torch.randn(3, 8, 5, 7)
     with torch.no_grad():
@@ -37,6 +42,7 @@ def test_packed_convolution_takes_other_sizes_than_its_first():
         assert torch.allclose(conv(other), expected, atol=1e-6)
 
 
+@packing(torch.float32)
 def test_packed_convolution_saves_its_plain_weights():
     conv = nn.Conv2d(8, 12, 3, padding=1)
     expected = {k: v.clone() for k, v in conv.state_dict().items()}
@@ -57,11 +63,13 @@ def plain(tiny_cpu):
     return modules
 
 
+@packing(torch.float32)
 def test_every_convolution_of_the_sped_up_models_is_packed(tiny_cpu):
     for part in (tiny_cpu.unet, tiny_cpu.vae):
         assert all(type(m) is fast.PackedConv2d for m in part.modules() if isinstance(m, nn.Conv2d))
 
 
+@packing(torch.float32)
 @pytest.mark.parametrize("h, w", [(8, 8), (16, 16), (5, 7)])
 def test_sped_up_unet_computes_what_the_plain_unet_computes(tiny_cpu, plain, h, w):
     # Against the plain UNet on the same (channels-last) layout: on this tiny random UNet the plain
@@ -91,8 +99,8 @@ def test_channels_last_inside_a_module_and_the_default_layout_out():
     assert seen == [True] and out.is_contiguous() and torch.allclose(out, expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", DTYPES[1:])
-def test_bfloat16_unet_computes_what_the_plain_unet_computes(plain, dtype):
+@packing(torch.bfloat16)
+def test_bfloat16_unet_computes_what_the_plain_unet_computes(plain):
     models = load_models(TINY, "cpu", "bfloat16")
     z, context = torch.randn(1, 4, 16, 16).bfloat16(), torch.randn(1, 77, 32).bfloat16()
     with torch.no_grad():
