@@ -39,8 +39,8 @@ class PackedConv2d(nn.Conv2d):
 
 
 def packs(dtype):
-    """Whether oneDNN's packed convolutions run here in `dtype`: on x86 (the CPUs they were measured on;
-    ARM builds route oneDNN through other kernels), and in bfloat16 only with AVX-512."""
+    """Whether oneDNN's packed convolutions run here in `dtype`: on x86 CPUs, the only ones they were
+    measured on, and in bfloat16 only where oneDNN has bfloat16 kernels (AVX-512 and up)."""
     return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available() and (
         dtype == torch.float32 or dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
