@@ -2,13 +2,15 @@
 
     python benchmarks/bench.py --size 512 --dtype bfloat16 --steps 2
     python benchmarks/bench.py --device cuda --dtype float16 --steps 30 --prompt "a red boat" --compile --json
+    python benchmarks/bench.py --weights FOLDER --plain     # the same without packed convolutions
 
 The models have the v1.4 architecture and random weights: speed does not depend on the values, so
 nothing is downloaded (`--weights FOLDER` loads a checkpoint instead, to measure loading too). The
 timed run is the real code path, `ldm_min.sample.inpaint`, with its parts wrapped in timers. It
 prints, per part: seconds, TFLOP/s achieved, and that rate as a fraction of what this machine does
 on a plain matmul and a plain 3x3 convolution in the same dtype, measured in the same run. Also: the
-peak memory of the run, and how far the UNet's output in bfloat16/float16 is from float32 on the
+peak memory of the run (with --plain as well: the packed convolutions of ldm_min/fast.py must not
+raise it), and how far the UNet's output in bfloat16/float16 is from float32 on the
 same input and weights.
 """
 import argparse
@@ -27,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing
-from ldm_min import Options, inpaint  # noqa: E402
+from ldm_min import Options, fast, inpaint  # noqa: E402
 from weights import (assemble, build, checkpoint_configs, load_models, pick_device, read_configs,  # noqa: E402
                      resolve)
 
@@ -52,6 +54,9 @@ def parse_args(argv=None):
                    help="untimed 1-step runs first (default: 1 on CUDA, where kernels are picked or "
                         "compiled on the first call; 0 on the CPU, where a run is long)")
     p.add_argument("--weights", help="load this checkpoint (folder or single file) instead of random weights")
+    p.add_argument("--plain", action="store_true",
+                   help="no packed convolutions (ldm_min/fast.py), to compare their speed and peak memory with "
+                        "the plain path's; they run only where fast.packs says they pay")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
     if args.compile and args.device != "cuda":
@@ -187,6 +192,8 @@ def low_precision_error(models, configs, size, prompt):
 def main(argv=None):
     args = parse_args(argv)
     device, dtype = pick_device(args.device, args.dtype)
+    if args.plain:
+        fast.packs = lambda dtype: False  # before loading, which asks it
     # The architecture measured: the checkpoint's (its folder or hub cache), else v1.4's.
     configs = checkpoint_configs(resolve(args.weights, dtype)) if args.weights else read_configs()
     start = time.perf_counter()
@@ -243,7 +250,8 @@ def main(argv=None):
     extrapolated = total + (PAPER_STEPS - args.steps) * unet_call  # only the UNet part scales with steps
     result = {
         "device": str(device), "dtype": args.dtype, "size": args.size, "steps": args.steps, "guided": guided,
-        "unet_batch": 1 + guided, "compiled": args.compile, "threads": torch.get_num_threads(),
+        "unet_batch": 1 + guided, "compiled": args.compile, "packed": any(isinstance(m, fast.PackedConv2d) for m in models.vae.modules()),
+        "threads": torch.get_num_threads(),
         "cpu_share": cpu_share, "load_seconds": load_seconds, "total_seconds": total, "other_seconds": other,
         "extrapolated_steps": PAPER_STEPS, "extrapolated_seconds": extrapolated, "parts": parts, "machine_tflops": peaks,
         "weights_gib": weight_bytes / 2**30, "peak_memory_gib": peak_bytes / 2**30,
@@ -257,7 +265,8 @@ def main(argv=None):
         print(json.dumps(result, indent=2))
         return
     print(f"{args.size}x{args.size}, {device.type} {args.dtype}, {args.steps} steps, UNet batch {1 + guided}"
-          f"{', compiled' if args.compile else ''}, {torch.get_num_threads()} threads")
+          f"{', compiled' if args.compile else ''}{', packed convolutions' if result['packed'] else ''}, "
+          f"{torch.get_num_threads()} threads")
     if device.type == "cpu":
         busy = " (other processes took cores: the times are inflated)" if cpu_share < 0.9 else ""
         print(f"CPU share during the run: {cpu_share:.0%} of {torch.get_num_threads()} threads{busy}")

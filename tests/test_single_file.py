@@ -75,6 +75,8 @@ def test_a_single_file_loads_the_folders_weights_bit_for_bit(tmp_path, tiny_conf
 
 
 def test_the_golden_run_is_the_same_picture_from_the_single_file(model_file, tiny_cpu, expected, golden_picture):
+    # Bit for bit: the same values, each copied into fresh 64-byte-aligned memory whatever its offset
+    # in the file (test_weights.py), so the same kernels run on the same data in this process.
     picture = lambda models: np.asarray(golden_picture(models, "run_b"))
     result = picture(load(model_file))
     assert np.array_equal(result, picture(tiny_cpu))

@@ -71,6 +71,17 @@ def test_plain_file_loads_in_bfloat16(tiny, expected):
     assert (eps.float() - expected["unet.out.eps.t500"]).abs().max() <= 0.05 * expected["unet.out.eps.t500"].abs().max()
 
 
+def test_loaded_weights_are_fresh_aligned_copies_not_the_files_mapping():
+    # A tensor left on the mapped file keeps its pages resident beside any copy a speed-up makes,
+    # and lies wherever the file put it: oneMKL promises the same results run to run only for
+    # 64-byte-aligned data, so a folder and a single file could round differently.
+    models = load_models(TINY, "cpu", "float32")  # the file's own dtype: no cast that would copy anyway
+    for part in (models.unet, models.vae, models.text_encoder):
+        for name, tensor in part.state_dict().items():
+            storage = tensor.untyped_storage()
+            assert storage.data_ptr() % 64 == 0 and storage.nbytes() == tensor.nbytes, name
+
+
 def test_float16_prefers_the_fp16_variant_and_float32_the_plain_file(ckpt):
     from weights import find_weights
 
