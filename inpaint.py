@@ -47,7 +47,7 @@ def parse_args(argv):
                                        "(default: Salesforce/blip-image-captioning-large)")
     p.add_argument("--steps", type=int, default=default.steps, help="DDIM steps T (default %(default)s)")
     p.add_argument("--eta", type=float, default=default.eta,
-                   help="DDIM eta: 0 deterministic, 1 DDPM (default %(default)s)")
+                   help="DDIM eta, from 0 (deterministic) to 1 (DDPM) (default %(default)s)")
     p.add_argument("--guidance", type=float, default=default.guidance,
                    help="classifier-free guidance scale, with --prompt (default %(default)s)")
     p.add_argument("--seed", type=int, default=default.seed, help="random seed (default %(default)s)")

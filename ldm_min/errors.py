@@ -15,4 +15,4 @@ class InputError(LdmMinError, ValueError):
 
 
 class NonFiniteError(LdmMinError, FloatingPointError):
-    """Sampling produced inf or NaN (float16 overflow, typically)."""
+    """Sampling produced inf or NaN: float16 overflow, corrupt weights or an extreme guidance."""

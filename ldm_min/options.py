@@ -2,6 +2,7 @@
 
 The command line, the API and the benchmark all take their defaults from `Options`.
 """
+import math
 from dataclasses import dataclass
 
 from .errors import InputError
@@ -28,7 +29,12 @@ class Options:
         """Refuse out-of-range settings when they are made, before any work is done."""
         if not 1 <= self.steps <= 1000:
             raise InputError(f"steps must be between 1 and 1000, got {self.steps}")
-        for name, value in (("eta", self.eta), ("mask dilation", self.dilate), ("feather", self.feather)):
+        for name, value in (("guidance", self.guidance), ("eta", self.eta)):
+            if not math.isfinite(value):
+                raise InputError(f"{name} must be a finite number, got {value}")
+        if not 0 <= self.eta <= 1:  # eq. 2, 1 is DDPM; above it sigma_t^2 can pass 1 - abar_{t-1}, under eq. 6's root
+            raise InputError(f"eta must be between 0 and 1, got {self.eta}")
+        for name, value in (("mask dilation", self.dilate), ("feather", self.feather)):
             if value < 0:
                 raise InputError(f"{name} must be >= 0, got {value}")
         if self.latent_mask not in LATENT_MASK_RULES:

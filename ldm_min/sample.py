@@ -97,7 +97,10 @@ def inpaint_tensors(x, hole, models, options, callback=None):
                 T=options.steps, eta=options.eta, seed=options.seed, callback=callback)
     if not torch.isfinite(x0).all():
         dtype = str(models.dtype).removeprefix("torch.")
-        raise NonFiniteError(f"sampling produced inf/NaN in {dtype}: run again with --dtype float32 (or bfloat16)")
+        advice = {"float16": "float16 overflowed: run again with --dtype bfloat16 or float32",
+                  "bfloat16": "run again with --dtype float32"}.get(
+            dtype, "the model itself gave non-finite values: corrupt weights, or an extreme guidance?")
+        raise NonFiniteError(f"sampling produced inf/NaN in {dtype}: {advice}")
     x0 = x0[..., :x.shape[-2], :x.shape[-1]]                          # crop the padding back off
     if options.paste_back:
         x0 = images.paste_back(x0, x, hole, options.feather)

@@ -70,6 +70,21 @@ def tiny(device, tiny_cpu):
 
 
 @pytest.fixture(scope="session")
+def nan_weights(tmp_path_factory):
+    """A copy of the tiny checkpoint with a NaN planted in the UNet's output bias: every run of it makes NaN."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder = shutil.copytree(GOLDEN / "tiny-sd", tmp_path_factory.mktemp("nan") / "tiny-sd")
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(unet)
+    state["conv_out.bias"][0] = float("nan")
+    save_file(state, unet, metadata={"format": "pt"})
+    return folder
+
+
+@pytest.fixture(scope="session")
 def golden_picture(runs):
     """picture(models, name, callback=None): what `inpaint()` makes of golden run `name` with `models`."""
     from ldm_min import Options, images, inpaint

@@ -70,7 +70,10 @@ def test_one_mask_serves_every_image(cli, folders):
 
 @pytest.mark.parametrize("args, message", [(["imgs", "masks", "-o", "imgs"], "is an input folder"),
                                            (["imgs", "nowhere", "-o", "out"], "mask not found"),
-                                           (["imgs", "masks", "-o", "out", "--eta", "-1"], "eta must be >= 0")])
+                                           (["imgs", "masks", "-o", "out", "--eta", "1.5"],
+                                            "eta must be between 0 and 1"),
+                                           (["imgs", "masks", "-o", "out", "--guidance", "nan"],
+                                            "guidance must be a finite number")])
 def test_bad_folder_runs_are_one_line_and_write_nothing(cli, folders, args, message):
     before = files("imgs")
     status, err = cli(*args)

@@ -129,6 +129,7 @@ def write(name, make):
     return name
 
 
+NO_WEIGHTS = ("--weights", "./no-weights")  # the last flag wins: an error about these comes only if they load
 BAD = {
     "missing image": (lambda: ["nope.png", MASK], r"image not found: nope.png"),
     "missing mask": (lambda: [IMAGE, "nope.png"], r"mask not found: nope.png"),
@@ -143,7 +144,14 @@ BAD = {
                             write("m.png", lambda n: Image.new("L", (7, 20), 255).save(n))], r"at least 8 pixels"),
     "steps 0": (lambda: [IMAGE, MASK, "--steps", "0"], r"steps must be between 1 and 1000"),
     "steps 1001": (lambda: [IMAGE, MASK, "--steps", "1001"], r"steps must be between 1 and 1000"),
-    "negative eta": (lambda: [IMAGE, MASK, "--eta", "-0.5"], r"eta must be >= 0"),
+    # settings that cannot work: refused before the weights are even looked for
+    "negative eta": (lambda: [IMAGE, MASK, "--eta", "-0.5", *NO_WEIGHTS], r"eta must be between 0 and 1, got -0.5"),
+    "eta above 1": (lambda: [IMAGE, MASK, "--eta", "1.5", *NO_WEIGHTS], r"eta must be between 0 and 1, got 1.5"),
+    "infinite eta": (lambda: [IMAGE, MASK, "--eta", "inf", *NO_WEIGHTS], r"eta must be a finite number, got inf"),
+    "nan guidance": (lambda: [IMAGE, MASK, "--prompt", "a cat", "--guidance", "nan", *NO_WEIGHTS],
+                     r"guidance must be a finite number, got nan"),
+    "infinite guidance": (lambda: [IMAGE, MASK, "--guidance", "inf", *NO_WEIGHTS],
+                          r"guidance must be a finite number, got inf"),
     "negative dilation": (lambda: [IMAGE, MASK, "--mask-dilate", "-1"], r"dilation must be >= 0"),
     "negative feather": (lambda: [IMAGE, MASK, "--paste-back", "--feather", "-2"], r"feather must be >= 0"),
     "unknown latent mask rule": (lambda: [IMAGE, MASK, "--latent-mask", "any"], r"invalid choice: 'any'"),
@@ -184,6 +192,13 @@ def test_pickle_only_weights_are_refused_by_the_cli(cli, tmp_path):
     (folder / "unet" / "diffusion_pytorch_model.safetensors").rename(folder / "unet" / "diffusion_pytorch_model.bin")
     status, err = cli(IMAGE, MASK, weights=folder)
     assert status == 2 and "safetensors" in err and not (tmp_path / "astronaut128_inpainted.png").exists()
+
+
+def test_weights_that_make_nan_are_one_line_exit_2_and_write_nothing(cli, nan_weights, tmp_path):
+    status, err = cli(IMAGE, MASK, "--quiet", weights=nan_weights)
+    assert status == 2 and err == ("error: sampling produced inf/NaN in float32: the model itself gave non-finite "
+                                   "values: corrupt weights, or an extreme guidance?\n")
+    assert os.listdir(tmp_path) == []
 
 
 def test_too_large_image_is_refused_before_sampling(cli, monkeypatch):

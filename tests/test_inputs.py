@@ -80,11 +80,19 @@ def test_long_prompt_is_truncated_with_a_warning(tiny):
     assert torch.equal(long, longer)
 
 
-def test_non_finite_sampling_stops_with_a_hint(tiny, monkeypatch):
-    monkeypatch.setattr(tiny.vae, "decode", lambda z: torch.full((1, 3, 128, 128), float("inf")))
-    with pytest.raises(NonFiniteError, match="float32"):
-        inpaint(Image.open(GOLDEN / "astronaut128.png"), Image.open(GOLDEN / "astronaut128_mask.png"), tiny,
-                Options(steps=1))
+@pytest.mark.parametrize("dtype, advice", [
+    ("float32", "the model itself gave non-finite values: corrupt weights, or an extreme guidance?"),
+    ("bfloat16", "run again with --dtype float32"),
+    ("float16", "float16 overflowed: run again with --dtype bfloat16 or float32")])
+def test_non_finite_sampling_stops_with_advice_for_its_dtype(nan_weights, device, dtype, advice):
+    if device == "cpu" and dtype == "float16":
+        pytest.skip("float16 is refused on the CPU")
+    from weights import load_models
+
+    with pytest.raises(NonFiniteError) as error:
+        inpaint(Image.open(GOLDEN / "astronaut128.png"), Image.open(GOLDEN / "astronaut128_mask.png"),
+                load_models(nan_weights, device, dtype), Options(steps=1))
+    assert str(error.value) == f"sampling produced inf/NaN in {dtype}: {advice}"
 
 
 @settings(max_examples=150, deadline=None)
@@ -120,12 +128,22 @@ def test_random_small_pictures_prepare_or_raise_input_error(w, h, mw, mh, mode, 
 
 @pytest.mark.parametrize("bad, message", [({"steps": 0}, "steps must be between 1 and 1000"),
                                           ({"steps": 1001}, "steps must be between 1 and 1000"),
-                                          ({"eta": -0.1}, "eta must be >= 0"),
+                                          ({"eta": -0.1}, "eta must be between 0 and 1, got -0.1"),
+                                          ({"eta": 1.5}, "eta must be between 0 and 1, got 1.5"),
+                                          ({"eta": float("inf")}, "eta must be a finite number, got inf"),
+                                          ({"eta": float("nan")}, "eta must be a finite number, got nan"),
+                                          ({"guidance": float("nan")}, "guidance must be a finite number, got nan"),
+                                          ({"guidance": float("-inf")}, "guidance must be a finite number, got -inf"),
                                           ({"dilate": -1}, "mask dilation must be >= 0"),
                                           ({"feather": -2}, "feather must be >= 0")])
 def test_out_of_range_options_are_refused_when_made(bad, message):
     with pytest.raises(InputError, match=message):
         Options(**bad)
+
+
+@pytest.mark.parametrize("name, value", [("eta", 0), ("eta", 1), ("guidance", -3.0), ("guidance", 1e39)])
+def test_eta_from_0_to_1_and_any_finite_guidance_are_accepted(name, value):
+    assert getattr(Options(**{name: value}), name) == value
 
 
 def test_invert_mask_is_applied_once(tiny):
