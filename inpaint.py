@@ -80,6 +80,13 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def options_of(args):
+    """The run's `Options` from the parsed arguments: an out-of-range value is refused here."""
+    from ldm_min import Options
+
+    return Options(**{field.name: getattr(args, field.name) for field in fields(Options)})
+
+
 def output_path(args):
     """The output file, checked before any work: never an input, in an existing folder, a known format."""
     from ldm_min import InputError
@@ -127,7 +134,7 @@ def auto_prompt(x, hole, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    from ldm_min import Options, images, region
+    from ldm_min import images, region
     from jobs import save_atomically
     from ldm_min.sample import inpaint_tensors
     from weights import load_models
@@ -138,7 +145,7 @@ def main(argv=None):
     start = time.perf_counter()
     # Every option and input is checked before the weights load, so a mistake costs no wait
     # (load_models checks --device and --dtype before it reads a file).
-    options = Options(**{field.name: getattr(args, field.name) for field in fields(Options)})
+    options = options_of(args)
     if Path(args.image).is_dir():
         return batch(args, options)
     out = output_path(args)

@@ -37,11 +37,15 @@ def differences(models, expected, run):
     return (torch.stack(latents) - expected[f"{run['name']}.latents"]).abs().max().item(), pixels.max(), pixels.mean()
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32,bfloat16", help="comma-separated dtypes (default %(default)s)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     expected = load_file(GOLDEN / "expected.safetensors")
     with safe_open(GOLDEN / "expected.safetensors", framework="pt") as f:
         runs = json.loads(f.metadata()["runs"])

@@ -97,13 +97,17 @@ def seconds(s):
     return f"{s:.2f} s" if s >= 1 else f"{s * 1000:.1f} ms"
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32,bfloat16", help="comma-separated dtypes (default %(default)s)")
     p.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
     p.add_argument("--repeat", type=int, default=3, help="timed rounds; the best counts (default 3)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
         print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}")

@@ -1,6 +1,6 @@
 """Pictures in and out: opening files, masks, the latent mask M_l, padding, paste-back.
 
-The README's Conventions: any image mode becomes RGB in [-1, 1]; a mask pixel is a hole
+The conventions (docs/conventions.md): any image mode becomes RGB in [-1, 1]; a mask pixel is a hole
 (to be painted) where its grey value is >= 128; EXIF orientation is applied to both files.
 """
 import warnings

@@ -48,7 +48,7 @@ class ResnetBlock(nn.Module):
 
 class Downsample(nn.Module):
     """3x3 convolution with stride 2. The UNet pads by 1 on every side; the VAE encoder pads
-    only right and bottom by 1 (README, Conventions), which matters for the exact output."""
+    only right and bottom by 1 (docs/conventions.md), which matters for the exact output."""
 
     def __init__(self, channels, asymmetric):
         super().__init__()

@@ -17,7 +17,7 @@ def sample(eps_theta, Ey, M_l, D, schedule, *, T, eta, seed, callback=None):
     """Algorithm 1: inpaint in latent space and decode.
 
     eps_theta(z_t, t): the noise prediction. Ey: E(y), the scaled posterior mean of the known
-    image, (1, 4, h, w). M_l: the latent mask, 1 where the latent is known (README, Conventions;
+    image, (1, 4, h, w). M_l: the latent mask, 1 where the latent is known (docs/conventions.md;
     `images.latent_known_mask`: the paper's rule `nearest` samples the pixel hole at (8i, 8j), and
     misses strokes thinner than 8 pixels; `cover` makes every latent pixel whose 8x8 cell holds a
     hole pixel a hole, for thin or scribbled masks).
@@ -25,7 +25,7 @@ def sample(eps_theta, Ey, M_l, D, schedule, *, T, eta, seed, callback=None):
     x_0 = D(z_0). callback(i, t, z_prev, z0, z0_hat), if given, sees every step.
     """
     # Every draw is float32 on one CPU generator, in a fixed order, so a seed gives the same
-    # picture on any device: z_T first, then one eps_z per step when eta > 0 (README, Conventions).
+    # picture on any device: z_T first, then one eps_z per step when eta > 0 (docs/conventions.md).
     # All are drawn before the loop and moved in one copy: a copy to a GPU waits for it to finish
     # its queued work, and inside the loop that would stall every step.
     generator = torch.Generator().manual_seed(seed)
@@ -48,7 +48,7 @@ def sample(eps_theta, Ey, M_l, D, schedule, *, T, eta, seed, callback=None):
 def eps_model(models, prompt, guidance):
     """eps_theta(z_t, t) of `models`, float32 in and out. With a prompt, classifier-free guidance
     eps_u + g (eps_c - eps_u) from one batch-2 UNet pass; without one (or at g = 1, where that is
-    just eps_c), one pass on the prompt's embedding (README, Conventions)."""
+    just eps_c), one pass on the prompt's embedding (docs/conventions.md)."""
     guided = bool(prompt) and guidance != 1
     context = models.encode_text(prompt)
     if guided:

@@ -85,7 +85,7 @@ class VAE(nn.Module):
         self.decoder = Decoder(cfg)
 
     def encode(self, x):
-        """x: (B, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8). The mean, never a sample (README, Conventions)."""
+        """x: (B, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8). The mean, never a sample (docs/conventions.md)."""
         mean = self.quant_conv(self.encoder(x)).chunk(2, dim=1)[0]
         return self.scaling_factor * mean
 
