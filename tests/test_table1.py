@@ -156,7 +156,7 @@ def test_an_interrupted_run_finishes_on_rerun(capsys, data, reference, tmp_path,
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(table1, "inpaint", ctrl_c)
+        m.setattr(table1, "inpaint_batch", ctrl_c)
         status, _, err = harness(capsys, data, out, "--no-fid")
     assert status == 130 and err.startswith("interrupted") and err.count("\n") == 1, err
     assert mtimes(out) == before
