@@ -3,6 +3,7 @@
     python inpaint.py photo.png mask.png                       # writes photo_inpainted.png
     python inpaint.py photo.png mask.png --prompt "a red boat" -o boat.png
     python inpaint.py photos/ masks/ -o done/                  # each photo with the mask of its name
+    python inpaint.py photos/ masks/ -o done/ --batch 8        # up to 8 photos of one size per UNet call
     torchrun --nproc_per_node=4 inpaint.py photos/ mask.png -o done/   # one mask for all, 4 processes
 """
 import argparse

@@ -4,6 +4,8 @@
     todo = [j for j in all_jobs if not jobs.done(out_of(j))]
     for job in jobs.mine(todo, world, "inpainting"):
         jobs.save_atomically(make(job), out_of(job))
+    for batch in jobs.mine(jobs.batches(todo, 8), world, "inpainting", size=len):  # or 8 jobs at a time
+        ...
     results = jobs.gather(my_results, world)   # every rank's list, on every rank
 
 Outside torchrun it is a plain single process and nothing distributed is touched. Every output is

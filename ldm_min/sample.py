@@ -17,14 +17,14 @@ def sample(eps_theta, Ey, M_l, D, schedule, *, T, eta, seed, callback=None):
     """Algorithm 1: inpaint in latent space and decode.
 
     eps_theta(z_t, t): the noise prediction. Ey: E(y), the scaled posterior mean of the known
-    image, (1, 4, h, w), or (B, 4, h, w) for B images of one size inpainted at once (each row then
-    has its own M_l row and seed: `seed` is a list of B seeds). M_l: the latent mask, (B, 1, h, w),
-    1 where the latent is known (README, Conventions;
-    `images.latent_known_mask`: the paper's rule `nearest` samples the pixel hole at (8i, 8j), and
-    misses strokes thinner than 8 pixels; `cover` makes every latent pixel whose 8x8 cell holds a
-    hole pixel a hole, for thin or scribbled masks).
+    image, (1, 4, h, w). M_l: the latent mask, (1, 1, h, w), 1 where the latent is known (README,
+    Conventions; `images.latent_known_mask`: the paper's rule `nearest` samples the pixel hole at
+    (8i, 8j), and misses strokes thinner than 8 pixels; `cover` makes every latent pixel whose 8x8
+    cell holds a hole pixel a hole, for thin or scribbled masks).
     D: the decoder. schedule: abar_t, the timesteps and sigma_t (`schedule.Schedule`). Returns
     x_0 = D(z_0). callback(i, t, z_prev, z0, z0_hat), if given, sees every step.
+    B images of one size ride through at once as a batch: Ey (B, 4, h, w), M_l (B, 1, h, w), and
+    `seed` a list of B seeds, one per image (an int is the seed of a single image).
     """
     # Every draw is float32 on a CPU generator seeded with the image's seed, in a fixed order, so a
     # seed gives the same picture on any device and in any batch: z_T first, then one eps_z per step

@@ -47,7 +47,8 @@ def grey_levels_apart(a, b):
 def unet_batches(monkeypatch):
     """The batch size of every UNet call, in order."""
     sizes, forward = [], UNet.forward
-    monkeypatch.setattr(UNet, "forward", lambda self, z, t, context: sizes.append(len(z)) or forward(self, z, t, context))
+    recording = lambda self, z, t, context: sizes.append(len(z)) or forward(self, z, t, context)
+    monkeypatch.setattr(UNet, "forward", recording)
     return sizes
 
 

@@ -122,9 +122,9 @@ def test_each_image_of_a_batch_draws_its_own_seeds_noise():
     single samples exactly, so each image's z_T and every eps_z are its seed's draws, in order."""
     g = torch.Generator().manual_seed(2)
     Ey, M_l = torch.randn(3, 4, 4, 4, generator=g), (torch.rand(3, 1, 4, 4, generator=g) > 0.5).float()
-    eps_theta = lambda z, t: 0.5 * z
-    batch = run(eps_theta, Ey, M_l, steps=4, eta=0.85, seed=[3, 7, 11])
-    alone = [run(eps_theta, Ey[k:k + 1], M_l[k:k + 1], steps=4, eta=0.85, seed=seed) for k, seed in enumerate([3, 7, 11])]
+    eps_theta, seeds = lambda z, t: 0.5 * z, [3, 7, 11]
+    batch = run(eps_theta, Ey, M_l, steps=4, eta=0.85, seed=seeds)
+    alone = [run(eps_theta, Ey[k:k + 1], M_l[k:k + 1], steps=4, eta=0.85, seed=seed) for k, seed in enumerate(seeds)]
     assert torch.equal(batch, torch.cat(alone))
 
 

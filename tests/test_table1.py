@@ -1,6 +1,7 @@
 """benchmarks/table1.py on the tiny checkpoint: the protocol's crops and masks, outputs equal to
 inpaint(), 1 vs 2 torchrun processes, resuming, one-line errors, and FID offline."""
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -118,6 +119,17 @@ def test_two_gloo_processes_under_torchrun_write_the_same_bytes(data, reference,
     assert "inpainting 4/4 [" in run.stderr  # rank 0 counts both ranks' jobs
     assert "cpu float32 x2" in (out / "table1.md").read_text()
     assert files(out) == files(reference) and len(files(out)) == 2 + 2 + 4
+
+
+def test_a_batched_run_writes_the_single_runs_within_one_grey_level(capsys, data, reference, tmp_path, one_thread):
+    out = tmp_path / "out"
+    status, _, err = harness(capsys, data, out, "--no-fid", "--batch", "3")  # jobs 0-2 together, then job 3
+    assert status == 0, err
+    batched, single = files(out), files(reference)
+    assert sorted(batched) == sorted(single)
+    for name in single:
+        a, b = (np.asarray(Image.open(io.BytesIO(f[name])), np.int16) for f in (batched, single))
+        assert np.abs(a - b).max() <= (1 if name.startswith("inpainted") else 0), name
 
 
 def test_a_rerun_does_no_work(capsys, data, reference, tmp_path):
