@@ -29,7 +29,7 @@ class Parser(argparse.ArgumentParser):
 def batch_size(text):
     """--batch N: a whole number of images, at least 1 (benchmarks/table1.py takes it too)."""
     if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"--batch takes a number of images, at least 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"a number of images, at least 1, got {text!r}")
     return int(text)
 
 
@@ -48,7 +48,7 @@ def parse_args(argv):
                                           "images, the output folder (default: <folder name>_inpainted here)")
     p.add_argument("--overwrite", action="store_true",
                    help="with a folder of images: redo the images whose output is there (default: skip them)")
-    p.add_argument("--batch", type=batch_size, default=1,
+    p.add_argument("--batch", type=batch_size, default=1, metavar="N",
                    help="with a folder of images: inpaint up to N images of one size together, through each UNet "
                         "call (default %(default)s); each result is the single run's, up to float rounding")
     p.add_argument("--prompt", default=default.prompt,

@@ -99,7 +99,7 @@ def parse_args(argv):
     p.add_argument("--masks", type=mask_sizes, default=[168, 136], help="hole sides in pixels (default 168,136)")
     p.add_argument("--steps", type=int, default=Options().steps, help="DDIM steps (default %(default)s, the paper's)")
     p.add_argument("--seed", type=int, default=0, help="job k uses seed SEED + k (default %(default)s)")
-    p.add_argument("--batch", type=cli.batch_size, default=1,
+    p.add_argument("--batch", type=cli.batch_size, default=1, metavar="N",
                    help="inpaint N jobs together, through each UNet call (default %(default)s); each result is the "
                         "single job's, up to float rounding")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: cuda when available)")
