@@ -3,6 +3,7 @@
     python inpaint.py photo.png mask.png                       # writes photo_inpainted.png
     python inpaint.py photo.png mask.png --prompt "a red boat" -o boat.png
     python inpaint.py photos/ masks/ -o done/                  # each photo with the mask of its name
+    python inpaint.py photos/ masks/ -o done/ --batch 8        # up to 8 photos of one size per UNet call
     torchrun --nproc_per_node=4 inpaint.py photos/ mask.png -o done/   # one mask for all, 4 processes
 """
 import argparse
@@ -25,6 +26,13 @@ class Parser(argparse.ArgumentParser):
         fail(f"error: {message} (see --help)")
 
 
+def batch_size(text):
+    """--batch N: a whole number of images, at least 1 (benchmarks/table1.py takes it too)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a number of images, at least 1, got {text!r}")
+    return int(text)
+
+
 def parse_args(argv):
     from ldm_min import Options
     from ldm_min.images import LATENT_MASK_RULES
@@ -40,6 +48,9 @@ def parse_args(argv):
                                           "images, the output folder (default: <folder name>_inpainted here)")
     p.add_argument("--overwrite", action="store_true",
                    help="with a folder of images: redo the images whose output is there (default: skip them)")
+    p.add_argument("--batch", type=batch_size, default=1, metavar="N",
+                   help="with a folder of images: inpaint up to N images of one size together, through each UNet "
+                        "call (default %(default)s); each result is the single run's, up to float rounding")
     p.add_argument("--prompt", default=default.prompt,
                    help="text to steer the fill (default: none, as in the paper); auto: a BLIP caption of the "
                         "masked image, printed first")
@@ -200,21 +211,23 @@ def batch_files(args):
 
 def batch(args, options):
     """Every image of a folder, with its mask, to OUT/<stem>.png: each exactly what the single-image
-    command gives with the same options and seed. A rerun skips the images done; under torchrun the
-    images are shared out across the processes (jobs.py, the Table 1 harness's machinery). A bad
-    image or mask fails alone, in one line; the run ends with a count and exit status 1."""
+    command gives with the same options and seed (with --batch N, up to float rounding: up to N images
+    of one size go through each UNet call). A rerun skips the images done; under torchrun the images
+    are shared out across the processes, a batch at a time (jobs.py, the Table 1 harness's machinery).
+    A bad image or mask fails alone, in one line; the run ends with a count and exit status 1."""
     import jobs
     from ldm_min import InputError, LdmMinError, images
-    from ldm_min.sample import inpaint_tensors
+    from ldm_min.sample import inpaint_batch
     from weights import load_models, pick_device
 
     device, _ = pick_device(args.device, args.dtype)
     pairs, out = batch_files(args)
-    output = lambda pair: out / f"{pair[0].stem}.png"
+    output = lambda image: out / f"{image.stem}.png"
     world = jobs.start(device.type)
     try:
-        todo = pairs if args.overwrite else jobs.pending(pairs, output, world)
-        mine = jobs.share(todo, world.rank, world.size)
+        todo = pairs if args.overwrite else jobs.pending(pairs, lambda pair: output(pair[0]), world)
+        batches = jobs.batches(todo, args.batch)  # shared out whole: the same batches under any torchrun
+        mine = [pair for batch in jobs.share(batches, world.rank, world.size) for pair in batch]
 
         def read(image, mask):
             if mask is None:
@@ -230,7 +243,7 @@ def batch(args, options):
                 except InputError as e:
                     failed[image] = e
         models = load_models(args.weights, args.device, args.dtype, args.compile, args.tokenizer) if mine else None
-        shown = world.rank == 0 and not args.quiet  # rank 0's progress line, jobs.mine's between images
+        shown = world.rank == 0 and not args.quiet  # rank 0's progress line, jobs.mine's between batches
 
         def steps(k):
             """The per-step count, folded into the line of the images' progress."""
@@ -239,18 +252,26 @@ def batch(args, options):
                 print(f"\r{line:<{jobs.LINE}}", end="", file=sys.stderr, flush=True)
             return show if shown else None
 
-        for n, (image, mask) in enumerate(jobs.mine(todo, world, "images", args.quiet)):
-            try:
-                if image in failed:
-                    raise failed[image]
-                x, hole = read(image, mask)
-                result = inpaint_tensors(x, hole, models, replace(options, prompt=prompts.get(image, options.prompt)),
-                                         steps(n * world.size))
-                jobs.save_atomically(images.to_pil(result), output((image, mask)))
-            except LdmMinError as e:
-                failed[image] = e
-                print(f"\r{'':<{jobs.LINE}}\rerror: {image.name}: {e}" if shown else f"error: {image.name}: {e}",
-                      file=sys.stderr)
+        def report(image, error):
+            failed[image] = error
+            print(f"\r{'':<{jobs.LINE}}\rerror: {image.name}: {error}" if shown else f"error: {image.name}: {error}",
+                  file=sys.stderr)
+
+        for n, batch in enumerate(jobs.mine(batches, world, "images", args.quiet, size=len)):
+            pictures = {}  # image -> (x, hole, its options), for the readable ones
+            for image, mask in batch:
+                try:
+                    if image in failed:
+                        raise failed[image]
+                    pictures[image] = (*read(image, mask), replace(options, prompt=prompts.get(image, options.prompt)))
+                except LdmMinError as e:
+                    report(image, e)
+            before = sum(map(len, batches[:n * world.size]))  # the images of every rank's earlier rounds
+            for image, result in zip(pictures, inpaint_batch(list(pictures.values()), models, steps(before))):
+                if isinstance(result, LdmMinError):
+                    report(image, result)
+                else:
+                    jobs.save_atomically(images.to_pil(result), output(image))
         counts = jobs.gather([(len(mine) - len(failed), len(failed))], world)
     finally:
         jobs.stop(world)

@@ -4,6 +4,8 @@
     todo = [j for j in all_jobs if not jobs.done(out_of(j))]
     for job in jobs.mine(todo, world, "inpainting"):
         jobs.save_atomically(make(job), out_of(job))
+    for batch in jobs.mine(jobs.batches(todo, 8), world, "inpainting", size=len):  # or 8 jobs at a time
+        ...
     results = jobs.gather(my_results, world)   # every rank's list, on every rank
 
 Outside torchrun it is a plain single process and nothing distributed is touched. Every output is
@@ -75,6 +77,12 @@ def share(todo, rank, size):
     return todo[rank::size]
 
 
+def batches(todo, n):
+    """`todo` in lists of up to n consecutive jobs, to be shared out whole: the same lists however
+    many processes run them, so 1 and N processes still make the same computations."""
+    return [todo[i:i + n] for i in range(0, len(todo), n)]
+
+
 def pending(items, path_of, world):
     """The items whose output `path_of(item)` is not there yet. Every rank looks before any rank
     writes again (the barrier), so all ranks share out the same list."""
@@ -83,25 +91,27 @@ def pending(items, path_of, world):
     return todo
 
 
-def mine(todo, world, what="jobs", quiet=False):
+def mine(todo, world, what="jobs", quiet=False, size=lambda job: 1):
     """Yield this rank's share of `todo`, in rounds: after each round, every rank says how many jobs
     it finished, and rank 0 shows the count over all ranks on one progress line (stderr). A rank
-    with no job left in a round still takes part, so the counts always meet."""
+    with no job left in a round still takes part, so the counts always meet. size(job): how many
+    to count it as (`len` for `batches`)."""
     share_ = share(todo, world.rank, world.size)
     rounds = -(-len(todo) // world.size)
+    total = sum(map(size, todo))
     start_time, finished = time.perf_counter(), 0
     show = world.rank == 0 and not quiet and rounds > 0
     for i in range(rounds):
         if i < len(share_):
             yield share_[i]
-        count = torch.tensor([int(i < len(share_))], device=world.device)
+        count = torch.tensor([size(share_[i]) if i < len(share_) else 0], device=world.device)
         if world.size > 1:
             dist.all_reduce(count)
         finished += int(count.item())
         if show:
             rate = (time.perf_counter() - start_time) / finished
-            bar = "#" * (20 * finished // len(todo))
-            line = f"{what} {finished}/{len(todo)} [{bar:<20}] {rate:.2f} s/job"
+            bar = "#" * (20 * finished // total)
+            line = f"{what} {finished}/{total} [{bar:<20}] {rate:.2f} s/job"
             print(f"\r{line:<{LINE}}", end="\n" if i == rounds - 1 else "", file=sys.stderr, flush=True)
 
 

@@ -6,8 +6,9 @@
 
 Each image (found recursively under --data, or the ones --list names) is resized so that its short
 side is 512 pixels (Pillow's bicubic filter, which antialiases when it shrinks) and centre-cropped to
-512x512; each crop is inpainted through ldm_min's `inpaint()`, with the paper's settings (`Options`),
-once per centred square hole of --masks pixels. FID (torch-fidelity's Inception features) compares the
+512x512; each crop is inpainted as ldm_min's `inpaint()` does, with the paper's settings (`Options`),
+once per centred square hole of --masks pixels (with --batch N, N jobs through each UNet call, each
+within float rounding of its single run: `ldm_min.sample.inpaint_batch`). FID (torch-fidelity's Inception features) compares the
 inpainted crops with the original crops, per hole size.
 
 Under OUT: settings.json (a rerun must match it), crops/NNNN_<stem>.png, masks/holeS.png (white is
@@ -40,8 +41,9 @@ sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 import inpaint as cli  # noqa: E402
 import jobs  # noqa: E402
 import weights  # noqa: E402
-from ldm_min import InputError, Options, WeightsError, images, inpaint  # noqa: E402
+from ldm_min import InputError, Options, WeightsError, images  # noqa: E402
 from ldm_min.caption import caption_tensors  # noqa: E402
+from ldm_min.sample import inpaint_batch  # noqa: E402
 from weights import DEFAULT_CAPTIONER, DEFAULT_REPO, load_models, pick_device  # noqa: E402
 
 SIDE = 512  # the crop, the model's native size
@@ -97,6 +99,9 @@ def parse_args(argv):
     p.add_argument("--masks", type=mask_sizes, default=[168, 136], help="hole sides in pixels (default 168,136)")
     p.add_argument("--steps", type=int, default=Options().steps, help="DDIM steps (default %(default)s, the paper's)")
     p.add_argument("--seed", type=int, default=0, help="job k uses seed SEED + k (default %(default)s)")
+    p.add_argument("--batch", type=cli.batch_size, default=1, metavar="N",
+                   help="inpaint N jobs together, through each UNet call (default %(default)s); each result is the "
+                        "single job's, up to float rounding")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: cuda when available)")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (auto: float16 on cuda)")
     p.add_argument("--prompts", type=prompt_kinds, default=["none"],
@@ -388,14 +393,22 @@ def run_jobs(args, world, device, dtype, out, all_names, names):
     seconds = []
     if todo:
         models = load_models(args.weights, args.device, args.dtype, tokenizer=args.tokenizer)
-        for n, j, side, kind in jobs.mine(todo, world, "inpainting", args.quiet):
+        for batch in jobs.mine(jobs.batches(todo, args.batch), world, "inpainting", args.quiet, size=len):
             start = time.perf_counter()
-            prompt = "" if kind == "none" else captions[kind, side][layout.crop(n).name]
-            options = Options(prompt=prompt, steps=args.steps, seed=args.seed + n * len(args.masks) + j)
-            with Image.open(layout.crop(n)) as crop, Image.open(layout.mask(side)) as mask:
-                result = inpaint(crop, mask, models, options)
-            jobs.save_atomically(result, layout.result(n, side, kind))
-            seconds.append((side, kind, time.perf_counter() - start))
+            pictures = []
+            for n, j, side, kind in batch:
+                prompt = "" if kind == "none" else captions[kind, side][layout.crop(n).name]
+                options = Options(prompt=prompt, steps=args.steps, seed=args.seed + n * len(args.masks) + j)
+                with Image.open(layout.crop(n)) as crop, Image.open(layout.mask(side)) as mask:
+                    pictures.append((*images.prepare(crop, mask), options))
+            results = inpaint_batch(pictures, models)
+            for (n, j, side, kind), result in zip(batch, results):
+                if not isinstance(result, Exception):
+                    jobs.save_atomically(images.to_pil(result), layout.result(n, side, kind))
+            seconds += [(side, kind, (time.perf_counter() - start) / len(batch)) for n, j, side, kind in batch]
+            failure = next((r for r in results if isinstance(r, Exception)), None)
+            if failure:  # it stops the run, as a single job's does, with the batch's other results kept
+                raise failure
     seconds = jobs.gather(seconds, world)
     if world.rank == 0:
         report(args, out, names, layout, inception, seconds, device, dtype, world)

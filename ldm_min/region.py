@@ -32,6 +32,11 @@ class Box:
         """The factor that brings the crop to the model's scale: its long side to 512, never up."""
         return min(1.0, MODEL_SIDE / max(self.width, self.height))
 
+    @property
+    def slices(self):
+        """The crop of an image or mask tensor: x[box.slices]."""
+        return ..., slice(self.top, self.top + self.height), slice(self.left, self.left + self.width)
+
     def __str__(self):
         return f"region {self.width}x{self.height} at ({self.left}, {self.top}), scaled {self.scale:.2f}x"
 
@@ -70,13 +75,16 @@ def resized_hole(hole, size):
     return torch.from_numpy(np.asarray(grey) > 0).float()[None, None]
 
 
-def inpaint_crop(x, hole, box, fill):
-    """x with the crop `box` inpainted by `fill(x, hole)` at the model's scale and blended over the
-    hole (feathered over FEATHER model-scale pixels); every pixel outside the crop is x's."""
-    crop = (..., slice(box.top, box.top + box.height), slice(box.left, box.left + box.width))
-    x_crop, hole_crop = x[crop], hole[crop]
-    small = (round(box.width * box.scale), round(box.height * box.scale))
-    result = resized(fill(resized(x_crop, small), resized_hole(hole_crop, small)), (box.width, box.height))
+def scaled_crop(x, hole, box):
+    """The crop `box` of x (1, 3, H, W) and of hole (1, 1, H, W), at the model's scale."""
+    size = (round(box.width * box.scale), round(box.height * box.scale))
+    return resized(x[box.slices], size), resized_hole(hole[box.slices], size)
+
+
+def paste_crop(x, hole, box, result):
+    """x with `result`, the crop `box` inpainted at the model's scale, scaled back and blended over
+    the hole (feathered over FEATHER model-scale pixels); every pixel outside the crop is x's."""
     out = x.clone()
-    out[crop] = images.paste_back(result, x_crop, hole_crop, round(FEATHER / box.scale))
+    result = resized(result, (box.width, box.height))
+    out[box.slices] = images.paste_back(result, x[box.slices], hole[box.slices], round(FEATHER / box.scale))
     return out

@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 
 from . import images, region
-from .errors import NonFiniteError
+from .errors import InputError, LdmMinError, NonFiniteError
 from .options import Options
 
 
@@ -17,19 +17,22 @@ def sample(eps_theta, Ey, M_l, D, schedule, *, T, eta, seed, callback=None):
     """Algorithm 1: inpaint in latent space and decode.
 
     eps_theta(z_t, t): the noise prediction. Ey: E(y), the scaled posterior mean of the known
-    image, (1, 4, h, w). M_l: the latent mask, 1 where the latent is known (docs/conventions.md;
-    `images.latent_known_mask`: the paper's rule `nearest` samples the pixel hole at (8i, 8j), and
-    misses strokes thinner than 8 pixels; `cover` makes every latent pixel whose 8x8 cell holds a
-    hole pixel a hole, for thin or scribbled masks).
+    image, (1, 4, h, w). M_l: the latent mask, (1, 1, h, w), 1 where the latent is known (docs/conventions.md;
+    `images.latent_known_mask`: the paper's rule `nearest` samples the pixel hole at
+    (8i, 8j), and misses strokes thinner than 8 pixels; `cover` makes every latent pixel whose 8x8
+    cell holds a hole pixel a hole, for thin or scribbled masks).
     D: the decoder. schedule: abar_t, the timesteps and sigma_t (`schedule.Schedule`). Returns
     x_0 = D(z_0). callback(i, t, z_prev, z0, z0_hat), if given, sees every step.
+    B images of one size ride through at once as a batch: Ey (B, 4, h, w), M_l (B, 1, h, w), and
+    `seed` a list of B seeds, one per image (an int is the seed of a single image).
     """
-    # Every draw is float32 on one CPU generator, in a fixed order, so a seed gives the same
-    # picture on any device: z_T first, then one eps_z per step when eta > 0 (docs/conventions.md).
-    # All are drawn before the loop and moved in one copy: a copy to a GPU waits for it to finish
-    # its queued work, and inside the loop that would stall every step.
-    generator = torch.Generator().manual_seed(seed)
-    draws = torch.stack([torch.randn(Ey.shape, generator=generator) for _ in range(1 + T * (eta > 0))])
+    # Every draw is float32 on a CPU generator seeded with the image's seed, in a fixed order, so a
+    # seed gives the same picture on any device and in any batch: z_T first, then one eps_z per step
+    # when eta > 0 (docs/conventions.md). All are drawn before the loop and moved in one copy: a copy
+    # to a GPU waits for it to finish its queued work, and inside the loop that would stall every step.
+    generators = [torch.Generator().manual_seed(s) for s in ([seed] if isinstance(seed, int) else seed)]
+    draw = lambda: torch.cat([torch.randn(Ey[:1].shape, generator=g) for g in generators])  # one per image
+    draws = torch.stack([draw() for _ in range(1 + T * (eta > 0))])
     z, *eps_zs = draws.to(Ey.device)                                              # line 1: z_T ~ N(0, I)
     for i, (t, t_prev) in enumerate(schedule.timesteps(T)):                       # line 2: for t = T .. 1 (to line 6)
         abar_t, abar_prev = schedule.abar_at(t), schedule.abar_at(t_prev)
@@ -47,19 +50,21 @@ def sample(eps_theta, Ey, M_l, D, schedule, *, T, eta, seed, callback=None):
 
 def eps_model(models, prompt, guidance):
     """eps_theta(z_t, t) of `models`, float32 in and out. With a prompt, classifier-free guidance
-    eps_u + g (eps_c - eps_u) from one batch-2 UNet pass; without one (or at g = 1, where that is
-    just eps_c), one pass on the prompt's embedding (docs/conventions.md)."""
-    guided = bool(prompt) and guidance != 1
-    context = models.encode_text(prompt)
+    eps_u + g (eps_c - eps_u) from one UNet pass on twice the batch; without one (or at g = 1,
+    where that is just eps_c), one pass on the prompt's embedding (docs/conventions.md). For a
+    batch of images, `prompt` is a list: one prompt per image."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    guided = any(prompts) and guidance != 1
+    context = torch.cat([models.encode_text(p) for p in prompts])  # one row per image
     if guided:
-        context = torch.cat([models.encode_text(""), context])  # [unconditional, conditional]
+        context = torch.cat([models.encode_text("").expand_as(context), context])  # [unconditional, conditional]
 
     def eps_theta(z, t):
         # t goes in as a tensor on the UNet's device: a compiled UNet takes that as an input,
         # where it would compile anew for each new Python int. torch.full writes it there, where
         # torch.tensor would copy it from the CPU and wait for the GPU.
-        z = z.to(models.dtype).expand(len(context), -1, -1, -1)
-        eps = models.unet(z, torch.full((), t, device=z.device), context).float()
+        z = z.to(models.dtype)
+        eps = models.unet(torch.cat([z, z]) if guided else z, torch.full((), t, device=z.device), context).float()
         if guided:
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + guidance * (eps_c - eps_u)
@@ -81,20 +86,59 @@ def inpaint_tensors(x, hole, models, options, callback=None):
     """`inpaint()` on the tensors of `images.prepare()`: x (1, 3, H, W) in [-1, 1], hole
     (1, 1, H, W), 1 = paint here. Returns the result, (1, 3, H, W) in [-1, 1]. A big image is
     inpainted in a crop around the hole (`region.box_for`), at the model's scale."""
-    box = region.box_for(hole, options)
-    if box:
-        whole = replace(options, region="full", paste_back=False)  # the crop itself, blended over the hole after
-        return region.inpaint_crop(x, hole, box, lambda x, hole: inpaint_tensors(x, hole, models, whole, callback))
-    x, hole = x.to(models.device), hole.to(models.device)
-    x8, hole8 = images.pad_to_8(x, hole)
-    models.check_memory(*x8.shape[-2:])
-    y = x8 * (1 - hole8)                                              # y = M_p * x: holes at 0, mid-grey
-    Ey = models.vae.encode(y.to(models.dtype)).float()                # E(y), computed once
-    M_l = images.latent_known_mask(hole8, options.dilate, options.latent_mask)
-    images.check_latent_hole(hole8, M_l)
-    D = lambda z: models.vae.decode(z.to(models.dtype)).float()
-    x0 = sample(eps_model(models, options.prompt, options.guidance), Ey, M_l, D, models.schedule,
-                T=options.steps, eta=options.eta, seed=options.seed, callback=callback)
+    [result] = inpaint_batch([(x, hole, options)], models, callback)
+    if isinstance(result, LdmMinError):
+        raise result
+    return result
+
+
+@torch.no_grad()
+def inpaint_batch(pictures, models, callback=None):
+    """`inpaint_tensors()` of each (x, hole, options) of `pictures`, those of one size inside the
+    model (after the region's crop and the padding) and with the same settings but for the seed and
+    the prompt sampled together, through each UNet call. Each draws its own seed's noise, so each
+    result is the one it gives alone, up to float rounding. Returns, per picture, its result or the
+    LdmMinError it failed with: a picture fails alone."""
+    results, batches = [None] * len(pictures), {}
+    for k, (x, hole, options) in enumerate(pictures):
+        box = region.box_for(hole, options)
+        if box:  # the crop itself, at the model's scale; blended over the hole after
+            x, hole = region.scaled_crop(x, hole, box)
+            options = replace(options, region="full", paste_back=False)
+        x, hole = x.to(models.device), hole.to(models.device)
+        x8, hole8 = images.pad_to_8(x, hole)
+        try:
+            models.check_memory(*x8.shape[-2:])
+        except InputError as e:
+            results[k] = e
+            continue
+        y = x8 * (1 - hole8)                                              # y = M_p * x: holes at 0, mid-grey
+        Ey = models.vae.encode(y.to(models.dtype)).float()                # E(y), computed once
+        M_l = images.latent_known_mask(hole8, options.dilate, options.latent_mask)
+        images.check_latent_hole(hole8, M_l)
+        same = (x8.shape, options.steps, options.eta, options.guidance, bool(options.prompt))
+        batches.setdefault(same, []).append((k, x, hole, box, options, Ey, M_l))
+    # One image at a time through the VAE's decoder: its peak memory is one image's (check_memory).
+    D = lambda z: torch.cat([models.vae.decode(z_k.to(models.dtype)).float() for z_k in z.split(1)])
+    for batch in batches.values():
+        ks, xs, holes, boxes, settings, Eys, M_ls = zip(*batch)
+        first = settings[0]  # the settings they share
+        x0s = sample(eps_model(models, [s.prompt for s in settings], first.guidance), torch.cat(Eys),
+                     torch.cat(M_ls), D, models.schedule, T=first.steps, eta=first.eta,
+                     seed=[s.seed for s in settings], callback=callback)
+        for k, x0, x, hole, box, options in zip(ks, x0s.split(1), xs, holes, boxes, settings):
+            try:
+                result = finish(x0, x, hole, models, options)
+            except NonFiniteError as e:
+                results[k] = e
+                continue
+            whole_x, whole_hole, _ = pictures[k]
+            results[k] = region.paste_crop(whole_x, whole_hole, box, result) if box else result
+    return results
+
+
+def finish(x0, x, hole, models, options):
+    """The result of one image from its x_0 = D(z_0): checked, the padding cropped off, pasted back."""
     if not torch.isfinite(x0).all():
         dtype = str(models.dtype).removeprefix("torch.")
         advice = {"float16": "float16 overflowed: run again with --dtype bfloat16 or float32",

@@ -117,6 +117,17 @@ def test_all_noise_is_drawn_before_the_first_step(monkeypatch):
     assert seen == [1 + 5] * 5
 
 
+def test_each_image_of_a_batch_draws_its_own_seeds_noise():
+    """A denoiser that treats every latent pixel alone: a batch's samples are then its images'
+    single samples exactly, so each image's z_T and every eps_z are its seed's draws, in order."""
+    g = torch.Generator().manual_seed(2)
+    Ey, M_l = torch.randn(3, 4, 4, 4, generator=g), (torch.rand(3, 1, 4, 4, generator=g) > 0.5).float()
+    eps_theta, seeds = lambda z, t: 0.5 * z, [3, 7, 11]
+    batch = run(eps_theta, Ey, M_l, steps=4, eta=0.85, seed=seeds)
+    alone = [run(eps_theta, Ey[k:k + 1], M_l[k:k + 1], steps=4, eta=0.85, seed=seed) for k, seed in enumerate(seeds)]
+    assert torch.equal(batch, torch.cat(alone))
+
+
 def test_the_step_loop_never_waits_for_the_gpu(tiny, device):
     if device != "cuda":
         pytest.skip("needs a GPU: pytest --device cuda")
@@ -162,6 +173,15 @@ def test_guided_eps_is_eps_u_plus_g_times_eps_c_minus_eps_u(tiny, close_paths):
     eps_u, eps_c = (eps_model(tiny, prompt, 1.0)(z, 500) for prompt in ("", "a cat"))
     # One batch-2 pass against two batch-1 passes: two code paths.
     assert close_paths(eps_model(tiny, "a cat", 7.5)(z, 500), eps_u + 7.5 * (eps_c - eps_u))
+
+
+def test_guided_eps_of_a_batch_is_each_images_own_with_its_prompt(tiny):
+    z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)).to(tiny.device)
+    batch = eps_model(tiny, ["a cat", "a dog"], 7.5)(z, 500)
+    alone = [eps_model(tiny, prompt, 7.5)(z[k:k + 1], 500) for k, prompt in enumerate(["a cat", "a dog"])]
+    # A batch's float rounding differs from one image's by ~1e-4 here, and g = 7.5 scales eps_c - eps_u;
+    # a prompt or half out of place would be off by the size of eps itself (~1).
+    assert torch.allclose(batch, torch.cat(alone), atol=5e-3)
 
 
 def test_a_compiled_unet_is_compiled_once_for_all_timesteps(device):

@@ -1,6 +1,7 @@
 """benchmarks/table1.py on the tiny checkpoint: the protocol's crops and masks, outputs equal to
 inpaint(), 1 vs 2 torchrun processes, resuming, one-line errors, and FID offline."""
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -120,6 +121,17 @@ def test_two_gloo_processes_under_torchrun_write_the_same_bytes(data, reference,
     assert files(out) == files(reference) and len(files(out)) == 2 + 2 + 4
 
 
+def test_a_batched_run_writes_the_single_runs_within_one_grey_level(capsys, data, reference, tmp_path, one_thread):
+    out = tmp_path / "out"
+    status, _, err = harness(capsys, data, out, "--no-fid", "--batch", "3")  # jobs 0-2 together, then job 3
+    assert status == 0, err
+    batched, single = files(out), files(reference)
+    assert sorted(batched) == sorted(single)
+    for name in single:
+        a, b = (np.asarray(Image.open(io.BytesIO(f[name])), np.int16) for f in (batched, single))
+        assert np.abs(a - b).max() <= (1 if name.startswith("inpainted") else 0), name
+
+
 def test_a_rerun_does_no_work(capsys, data, reference, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(reference, out)
@@ -156,7 +168,7 @@ def test_an_interrupted_run_finishes_on_rerun(capsys, data, reference, tmp_path,
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(table1, "inpaint", ctrl_c)
+        m.setattr(table1, "inpaint_batch", ctrl_c)
         status, _, err = harness(capsys, data, out, "--no-fid")
     assert status == 130 and err.startswith("interrupted") and err.count("\n") == 1, err
     assert mtimes(out) == before

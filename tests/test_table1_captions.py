@@ -69,16 +69,16 @@ class Spy:
 
 def no_inpainting(monkeypatch):
     """The SD models are neither loaded nor run (the tiny model takes seconds a job on the CPU): each
-    "result" is its crop, and the Options of every call are kept, in order. test_table1.py checks
+    "result" is its crop, and the Options of every job are kept, in order. test_table1.py checks
     the real outputs against inpaint() for the Options the harness passes."""
     calls = []
 
-    def fake(crop, mask, models, options):
-        calls.append(options)
-        return crop.convert("RGB")
+    def fake(pictures, models):
+        calls.extend(options for _, _, options in pictures)
+        return [x for x, _, _ in pictures]
 
     monkeypatch.setattr(table1, "load_models", lambda *args, **kwargs: None)
-    monkeypatch.setattr(table1, "inpaint", fake)
+    monkeypatch.setattr(table1, "inpaint_batch", fake)
     return calls
 
 
