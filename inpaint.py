@@ -29,7 +29,7 @@ class Parser(argparse.ArgumentParser):
 def batch_size(text):
     """--batch N: a whole number of images, at least 1 (benchmarks/table1.py takes it too)."""
     if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"a number of images, at least 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"invalid number of images {text!r}: a whole number, at least 1")
     return int(text)
 
 

@@ -21,6 +21,7 @@ import agreement  # noqa: E402
 import bench  # noqa: E402
 import inpaint  # noqa: E402
 import table1  # noqa: E402
+import throughput  # noqa: E402
 import versus  # noqa: E402
 from ldm_min import LdmMinError  # noqa: E402
 from weights import pick_device  # noqa: E402
@@ -31,7 +32,8 @@ SCRIPTS = {"inpaint.py": (inpaint.parse_args, inpaint.options_of),
            "benchmarks/bench.py": (bench.parse_args, None),
            "benchmarks/versus.py": (versus.parse_args, None),
            "benchmarks/agreement.py": (agreement.parse_args, None),
-           "benchmarks/table1.py": (table1.parse_args, None)}
+           "benchmarks/table1.py": (table1.parse_args, None),
+           "benchmarks/throughput.py": (throughput.parse_args, None)}
 FENCE = re.compile(r"^```.*?^```", re.M | re.S)
 INLINE = re.compile(r"`([^`\n]+)`")
 COMMAND = re.compile(r"(?:^|\s)(?:python|torchrun)(?:\s+-\S+)*\s+(inpaint\.py|benchmarks/\w+\.py)(?=\s|$)(.*)")
