@@ -96,7 +96,8 @@ def test_one_mask_serves_every_image(cli, folders):
                                             "eta must be between 0 and 1"),
                                            (["imgs", "masks", "-o", "out", "--guidance", "nan"],
                                             "guidance must be a finite number"),
-                                           (["imgs", "masks", "-o", "out", "--batch", "0"], "invalid number of images '0'")])
+                                           (["imgs", "masks", "-o", "out", "--batch", "0"],
+                                            "invalid number of images '0'")])
 def test_bad_folder_runs_are_one_line_and_write_nothing(cli, folders, args, message):
     before = files("imgs")
     status, err = cli(*args)
