@@ -3,6 +3,12 @@ cancel, busy, and a clear message for each bad input."""
 import base64
 import io
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +24,11 @@ MAX_UPLOAD_MIB = 1
 
 
 @pytest.fixture(scope="module")
-def client(tiny):
+def client(tiny, blip, device):
     import app
 
-    with TestClient(app.make_app(tiny, app.parse_args(["--max-upload", str(MAX_UPLOAD_MIB)]))) as client:
+    args = app.parse_args(["--max-upload", str(MAX_UPLOAD_MIB), "--captioner", str(blip), "--device", device])
+    with TestClient(app.make_app(tiny, args)) as client:
         yield client
 
 
@@ -171,3 +178,45 @@ def test_a_stroke_thinner_than_the_latent_grid_gets_the_warning_with_its_remedy(
 def test_the_server_keeps_running_after_bad_input(client):
     refused(client, image=("notes.txt", b"not a picture"))
     assert run(client, steps=1)[-1][0] == "done"
+
+
+def test_prompt_auto_is_the_captioners_caption_shown_before_the_steps(client, blip_words):
+    names, data = zip(*run(client, steps=1, prompt="auto"))
+    assert names[:3] == ("start", "caption", "step")
+    assert set(data[1]["prompt"].split()) <= blip_words
+
+
+def test_weights_that_cannot_load_are_one_line_and_status_2(capsys, tmp_path):
+    import app
+    import inpaint
+
+    with pytest.raises(SystemExit) as exit:
+        inpaint.run(["--weights", str(tmp_path / "nowhere")], main=app.main)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_the_server_prints_its_address_serves_runs_and_leaves_no_file_at_exit(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "tmp").mkdir()
+    server = subprocess.Popen([sys.executable, "app.py", "--weights", str(GOLDEN / "tiny-sd"), "--device", "cpu",
+                               "--port", str(port)], cwd=GOLDEN.parents[1], stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
+    try:
+        assert server.stderr.readline() == f"open http://127.0.0.1:{port} (Ctrl-C stops)\n"
+        import httpx
+
+        for _ in range(100):  # until it listens
+            try:
+                response = httpx.post(f"http://127.0.0.1:{port}/run", timeout=60, **form(steps=1))
+                break
+            except httpx.ConnectError:
+                time.sleep(0.1)
+        assert response.status_code == 200 and "event: done" in response.text
+        assert [p.name.startswith("ldm_min_app_") for p in (tmp_path / "tmp").iterdir()] == [True]
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(60)
+    assert server.returncode == 0 and list((tmp_path / "tmp").iterdir()) == []
