@@ -20,7 +20,7 @@ import threading
 import time
 import traceback
 import warnings
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 import inpaint
 from ldm_min import InputError, LdmMinError, Options, images, region
+from ldm_min.images import LATENT_MASK_RULES
+from ldm_min.region import REGIONS
 from ldm_min.sample import inpaint_tensors
 
 PAGE = Path(__file__).with_name("app.html")
@@ -182,6 +184,11 @@ def make_app(models, args):
     @app.get("/")
     def page():
         return FileResponse(PAGE)
+
+    @app.get("/options")
+    def options():
+        """Options()'s defaults, the paper's, and the choices of its two choices: the page's form starts from them."""
+        return {"defaults": asdict(Options()), "choices": {"latent_mask": LATENT_MASK_RULES, "region": REGIONS}}
 
     @app.post("/run")
     async def run(request: Request):

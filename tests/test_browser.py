@@ -6,6 +6,7 @@ import shutil
 import socket
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,16 @@ def hole(png, tmp_path, name):
     path = tmp_path / name
     path.write_bytes(png)
     return np.asarray(Image.open(path).convert("L")) >= 128
+
+
+def test_the_form_starts_at_options_defaults(page):
+    from ldm_min import Options
+
+    page.wait_for_function("document.querySelector('[name=steps]').value !== ''")
+    form = page.eval_on_selector_all("#options [name]", "inputs => Object.fromEntries(inputs.map("
+                                     "i => [i.name, i.type === 'checkbox' ? i.checked : i.value]))")
+    defaults = {name: value if isinstance(value, bool) else str(value) for name, value in asdict(Options()).items()}
+    assert form == {name: defaults[name] for name in form} and len(form) == len(defaults) - 1  # all but invert_mask
 
 
 def test_painted_stroke_runs_with_previews_and_downloads_the_command_lines_picture(page, cli, tmp_path):
