@@ -14,6 +14,7 @@ import gc
 import io
 import json
 import queue
+import socket
 import sys
 import tempfile
 import threading
@@ -174,12 +175,12 @@ def make_app(models, args):
             traceback.print_exc()
             send("error", message=f"internal error ({e!r}): the server's log has the details")
         finally:
-            events.put(None)
             running.clear()
             gc.collect()  # memory back to its level between runs
             if models.device.type == "cuda":
                 torch.cuda.empty_cache()
-            busy.release()
+            busy.release()  # before the stream ends: a page that starts its next run at once is not told busy
+            events.put(None)
 
     @app.get("/")
     def page():
@@ -211,18 +212,27 @@ def make_app(models, args):
     return app
 
 
+def listen(host, port):
+    """The server's socket, bound before the models load: a port in use costs no wait."""
+    try:
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as e:
+        raise InputError(f"--host/--port: {e.strerror or e}") from None
+
+
 def main(argv=None):
     args = parse_args(argv)
     import uvicorn
 
     from weights import load_models
 
+    sock = listen(args.host, args.port)
     models = load_models(args.weights, args.device, args.dtype, args.compile, args.tokenizer)
     app = make_app(models, args)
     with tempfile.TemporaryDirectory(prefix="ldm_min_app_") as folder:
         tempfile.tempdir = folder  # where the form parser spools big uploads: removed at exit
         print(f"open http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 
 if __name__ == "__main__":
