@@ -55,14 +55,16 @@ def fit_preview(models, n=4, side=64):
     SD's latent channels are close to a linear map of colour, so a 4x3 matrix and a bias preview
     a latent for almost nothing, where the decoder would cost a step's time (A1111 and ComfyUI
     ship such a matrix for SD v1.x). It is fitted here on the VAE at hand, so it suits any
-    checkpoint: least squares from the latents E(x) of a few smooth random colour pictures to
-    the decoder's output D(E(x)), averaged over each latent pixel's 8x8 cell. Fixed seed:
-    the same map at every start."""
+    checkpoint: least squares from latents to the decoder's output for them, averaged over each
+    latent pixel's 8x8 cell. The latents: E(x) of a few smooth random colour pictures, and as many
+    N(0, I) draws, which span all 4 channels where the E(x) of 3-channel pictures may nearly not.
+    Fixed seed: the same map at every start."""
     g = torch.Generator().manual_seed(0)
     x = F.interpolate(torch.rand(n, 3, 4, 4, generator=g) * 2 - 1, size=(side, side), mode="bilinear")
-    z = models.vae.encode(x.to(models.device, models.dtype))
-    rgb = F.avg_pool2d(models.vae.decode(z).float(), 8)
-    z1 = torch.cat([z.float(), torch.ones_like(z[:, :1], dtype=torch.float32)], 1)
+    z = torch.cat([models.vae.encode(x.to(models.device, models.dtype)).float(),
+                   torch.randn(n, 4, side // 8, side // 8, generator=g).to(models.device)])
+    rgb = F.avg_pool2d(models.vae.decode(z.to(models.dtype)).float(), 8)
+    z1 = torch.cat([z, torch.ones_like(z[:, :1])], 1)
     rows = lambda t: t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).cpu()
     return torch.linalg.lstsq(rows(z1), rows(rgb)).solution
 

@@ -240,3 +240,21 @@ def test_the_server_prints_its_address_serves_runs_and_leaves_no_file_when_stopp
 def ours(folder):
     """What is in a temporary folder but PyTorch's own cache folder, which inpaint.py's runs make too."""
     return [p for p in folder.iterdir() if not p.name.startswith("torchinductor_")]
+
+
+def test_preview_map_is_the_least_squares_fit_that_recovers_a_linear_decoder():
+    """On a VAE whose decoder is a known per-pixel linear map of colour, the fitted map is that map."""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    import app
+
+    torch.manual_seed(0)
+    to_latent, to_rgb, bias = torch.randn(4, 3), torch.randn(4, 3), torch.randn(3)
+    vae = types.SimpleNamespace(
+        encode=lambda x: torch.einsum("bchw,dc->bdhw", F.avg_pool2d(x, 8), to_latent),
+        decode=lambda z: F.interpolate(torch.einsum("bchw,cd->bdhw", z, to_rgb) + bias[:, None, None], scale_factor=8))
+    P = app.fit_preview(types.SimpleNamespace(vae=vae, device=torch.device("cpu"), dtype=torch.float32))
+    assert torch.allclose(P, torch.cat([to_rgb, bias[None]]), atol=1e-4)
