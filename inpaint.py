@@ -79,6 +79,13 @@ def parse_args(argv):
     p.add_argument("--paste-back", action="store_true", help="put the original known pixels back over the result")
     p.add_argument("--feather", type=int, default=default.feather,
                    help="with --paste-back: blend over this many pixels (default %(default)s)")
+    add_model_options(p)
+    p.add_argument("--quiet", action="store_true", help="print errors only")
+    return p.parse_args(argv)
+
+
+def add_model_options(p):
+    """The options that say which models to load, and where: this command's and app.py's."""
     p.add_argument("--weights", help="local folder, hub repo id or single .safetensors file (default: "
                                      "$LDM_MIN_WEIGHTS, else CompVis/stable-diffusion-v1-4)")
     p.add_argument("--tokenizer", help="CLIP tokenizer, a folder or hub repo id, for a single-file --weights "
@@ -87,8 +94,6 @@ def parse_args(argv):
     p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 "
                                                    "(auto: float16 on cuda, float32 on cpu)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off on CUDA)")
-    p.add_argument("--quiet", action="store_true", help="print errors only")
-    return p.parse_args(argv)
 
 
 def options_of(args):
@@ -283,6 +288,9 @@ def batch(args, options):
         sys.exit(1)
 
 
+OUT_OF_MEMORY = "out of memory: try a smaller image, --dtype bfloat16, or a GPU"
+
+
 def run(argv=None, main=main, interrupted="interrupted: nothing was written"):
     """main(argv) with every expected failure as one line on stderr and exit status 2 (130 and
     `interrupted` for Ctrl-C). benchmarks/table1.py runs its own main through it too."""
@@ -297,7 +305,7 @@ def run(argv=None, main=main, interrupted="interrupted: nothing was written"):
     except KeyboardInterrupt:
         fail(interrupted, 130)
     except (MemoryError, torch.cuda.OutOfMemoryError):
-        fail("error: out of memory: try a smaller image, --dtype bfloat16, or a GPU")
+        fail(f"error: {OUT_OF_MEMORY}")
 
 
 if __name__ == "__main__":
