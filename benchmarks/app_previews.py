@@ -23,12 +23,16 @@ from ldm_min import Options, inpaint  # noqa: E402
 from weights import read_configs  # noqa: E402
 
 
-def main():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
     p.add_argument("--steps", type=int, default=2, help="DDIM steps timed (default 2)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     models = random_models(read_configs(), torch.device("cpu"), getattr(torch, args.dtype), compile=False)
 
     start = time.perf_counter()

@@ -18,6 +18,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import agreement  # noqa: E402
+import app  # noqa: E402
+import app_previews  # noqa: E402
 import bench  # noqa: E402
 import inpaint  # noqa: E402
 import table1  # noqa: E402
@@ -29,6 +31,8 @@ from weights import pick_device  # noqa: E402
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Each script's parser, and what its main() then checks before any work.
 SCRIPTS = {"inpaint.py": (inpaint.parse_args, inpaint.options_of),
+           "app.py": (app.parse_args, None),
+           "benchmarks/app_previews.py": (app_previews.parse_args, None),
            "benchmarks/bench.py": (bench.parse_args, None),
            "benchmarks/versus.py": (versus.parse_args, None),
            "benchmarks/agreement.py": (agreement.parse_args, None),
@@ -36,7 +40,7 @@ SCRIPTS = {"inpaint.py": (inpaint.parse_args, inpaint.options_of),
            "benchmarks/throughput.py": (throughput.parse_args, None)}
 FENCE = re.compile(r"^```.*?^```", re.M | re.S)
 INLINE = re.compile(r"`([^`\n]+)`")
-COMMAND = re.compile(r"(?:^|\s)(?:python|torchrun)(?:\s+-\S+)*\s+(inpaint\.py|benchmarks/\w+\.py)(?=\s|$)(.*)")
+COMMAND = re.compile(r"(?:^|\s)(?:python|torchrun)(?:\s+-\S+)*\s+(inpaint\.py|app\.py|benchmarks/\w+\.py)(?=\s|$)(.*)")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 PLACEHOLDER = re.compile(r"[A-Z][A-Z0-9_]*")
 
@@ -99,7 +103,7 @@ def parse(script, argv):
             check(args)
         # --device and --dtype as load_models takes them, with a GPU there, since commands for one are shown.
         with mock.patch.object(torch.cuda, "is_available", return_value=True):
-            for dtype in args.dtype.split(","):
+            for dtype in args.dtype.split(",") if hasattr(args, "device") else []:
                 pick_device(args.device, dtype)
     except LdmMinError as e:
         raise AssertionError(f"{script} {shlex.join(argv)}: {e}") from None
