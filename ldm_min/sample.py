@@ -101,27 +101,18 @@ def inpaint_batch(pictures, models, callback=None):
     LdmMinError it failed with: a picture fails alone."""
     results, batches = [None] * len(pictures), {}
     for k, (x, hole, options) in enumerate(pictures):
-        box = region.box_for(hole, options)
-        if box:  # the crop itself, at the model's scale; blended over the hole after
-            x, hole = region.scaled_crop(x, hole, box)
-            options = replace(options, region="full", paste_back=False)
-        x, hole = x.to(models.device), hole.to(models.device)
-        x8, hole8 = images.pad_to_8(x, hole)
         try:
-            models.check_memory(*x8.shape[-2:])
+            prepared = prepare(x, hole, models, options)
         except InputError as e:
             results[k] = e
             continue
-        y = x8 * (1 - hole8)                                              # y = M_p * x: holes at 0, mid-grey
-        Ey = models.vae.encode(y.to(models.dtype)).float()                # E(y), computed once
-        M_l = images.latent_known_mask(hole8, options.dilate, options.latent_mask)
-        images.check_latent_hole(hole8, M_l)
-        same = (x8.shape, options.steps, options.eta, options.guidance, bool(options.prompt))
-        batches.setdefault(same, []).append((k, x, hole, box, options, Ey, M_l))
+        _, _, _, options, Ey, _ = prepared
+        same = (Ey.shape, options.steps, options.eta, options.guidance, bool(options.prompt))
+        batches.setdefault(same, []).append((k, *prepared))
     # One image at a time through the VAE's decoder: its peak memory is one image's (check_memory).
     D = lambda z: torch.cat([models.vae.decode(z_k.to(models.dtype)).float() for z_k in z.split(1)])
     for batch in batches.values():
-        ks, xs, holes, boxes, settings, Eys, M_ls = zip(*batch)
+        ks, boxes, xs, holes, settings, Eys, M_ls = zip(*batch)
         first = settings[0]  # the settings they share
         x0s = sample(eps_model(models, [s.prompt for s in settings], first.guidance), torch.cat(Eys),
                      torch.cat(M_ls), D, models.schedule, T=first.steps, eta=first.eta,
@@ -135,6 +126,24 @@ def inpaint_batch(pictures, models, callback=None):
             whole_x, whole_hole, _ = pictures[k]
             results[k] = region.paste_crop(whole_x, whole_hole, box, result) if box else result
     return results
+
+
+def prepare(x, hole, models, options):
+    """One picture's inputs to Algorithm 1: E(y) and M_l, of its crop at the model's scale when the
+    region says so (`region.box_for`), padded to multiples of 8. Returns (box, x, hole, options,
+    Ey, M_l), x and hole those of the crop, and options the crop's own."""
+    box = region.box_for(hole, options)
+    if box:  # the crop itself, at the model's scale; blended over the hole after
+        x, hole = region.scaled_crop(x, hole, box)
+        options = replace(options, region="full", paste_back=False)
+    x, hole = x.to(models.device), hole.to(models.device)
+    x8, hole8 = images.pad_to_8(x, hole)
+    models.check_memory(*x8.shape[-2:])
+    y = x8 * (1 - hole8)                                              # y = M_p * x: holes at 0, mid-grey
+    Ey = models.vae.encode(y.to(models.dtype)).float()                # E(y), computed once
+    M_l = images.latent_known_mask(hole8, options.dilate, options.latent_mask)
+    images.check_latent_hole(hole8, M_l)
+    return box, x, hole, options, Ey, M_l
 
 
 def finish(x0, x, hole, models, options):
