@@ -248,10 +248,10 @@ def main(argv=None):
         parts[part] = {"seconds": seconds[part], "seconds_per_call": per_call, "gflop_per_call": flops[part] / 1e9,
                        "tflops": tflops, "of_matmul": tflops / peaks["matmul"], "of_conv3x3": tflops / peaks["conv3x3"]}
     extrapolated = total + (PAPER_STEPS - args.steps) * unet_call  # only the UNet part scales with steps
+    packed = any(isinstance(m, fast.PackedConv2d) for m in models.vae.modules())
     result = {
         "device": str(device), "dtype": args.dtype, "size": args.size, "steps": args.steps, "guided": guided,
-        "unet_batch": 1 + guided, "compiled": args.compile, "packed": any(isinstance(m, fast.PackedConv2d) for m in models.vae.modules()),
-        "threads": torch.get_num_threads(),
+        "unet_batch": 1 + guided, "compiled": args.compile, "packed": packed, "threads": torch.get_num_threads(),
         "cpu_share": cpu_share, "load_seconds": load_seconds, "total_seconds": total, "other_seconds": other,
         "extrapolated_steps": PAPER_STEPS, "extrapolated_seconds": extrapolated, "parts": parts, "machine_tflops": peaks,
         "weights_gib": weight_bytes / 2**30, "peak_memory_gib": peak_bytes / 2**30,

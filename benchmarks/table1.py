@@ -8,8 +8,8 @@ Each image (found recursively under --data, or the ones --list names) is resized
 side is 512 pixels (Pillow's bicubic filter, which antialiases when it shrinks) and centre-cropped to
 512x512; each crop is inpainted as ldm_min's `inpaint()` does, with the paper's settings (`Options`),
 once per centred square hole of --masks pixels (with --batch N, N jobs through each UNet call, each
-within float rounding of its single run: `ldm_min.sample.inpaint_batch`). FID (torch-fidelity's Inception features) compares the
-inpainted crops with the original crops, per hole size.
+within float rounding of its single run: `ldm_min.sample.inpaint_batch`). FID (torch-fidelity's
+Inception features) compares the inpainted crops with the original crops, per hole size.
 
 Under OUT: settings.json (a rerun must match it), crops/NNNN_<stem>.png, masks/holeS.png (white is
 the hole), inpainted/holeS/NNNN_<stem>.png, table1.md and table1.json. With --prompts original and/or
