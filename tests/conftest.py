@@ -32,11 +32,13 @@ def close_paths():
     """close(actual, expected): whether two code paths that compute the same float32 function agree,
     as far as float32 rounding lets them. Packed and plain convolutions, a batch of two and two
     batches of one, two memory layouts: each sums in another order, and the tiny random UNet
-    amplifies the difference. Measured, as a fraction of the output's norm: up to 2e-4 on an
-    Intel Xeon with every oneDNN ISA level from AVX2 to AMX (ONEDNN_MAX_CPU_ISA), 1e-4 on an AMD
-    EPYC with AVX-512. The bound is 10 times the largest; a wrong computation is off by the whole
-    norm. Exact equality is asserted only where the same kernels run on the same data."""
-    return lambda actual, expected: bool((actual - expected).norm() <= 2e-3 * expected.norm())
+    amplifies the difference, and guidance (g = 7.5) more. Measured, as a fraction of the output's
+    norm, on an Intel Xeon at every oneDNN ISA level from AVX2 to AMX (ONEDNN_MAX_CPU_ISA): up to
+    7.4e-4 (a guided batch of two images against each alone), 1.9e-4 (guided, batch 2 against two
+    of 1), 1e-4 (two layouts); on an AMD EPYC with AVX-512, 1e-4 (packed against plain). The bound
+    is over 10 times the largest; a wrong computation is off by the whole norm. Exact equality is
+    asserted only where the same kernels run on the same data."""
+    return lambda actual, expected: bool((actual - expected).norm() <= 1e-2 * expected.norm())
 
 
 @pytest.fixture(scope="session")
