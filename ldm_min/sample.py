@@ -55,7 +55,8 @@ def eps_model(models, prompt, guidance):
     batch of images, `prompt` is a list: one prompt per image."""
     prompts = [prompt] if isinstance(prompt, str) else prompt
     guided = any(prompts) and guidance != 1
-    context = torch.cat([models.encode_text(p) for p in prompts])  # one row per image
+    embeddings = {p: models.encode_text(p) for p in dict.fromkeys(prompts)}  # each distinct prompt once
+    context = torch.cat([embeddings[p] for p in prompts])  # one row per image
     if guided:
         context = torch.cat([models.encode_text("").expand_as(context), context])  # [unconditional, conditional]
 
