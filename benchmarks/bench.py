@@ -2,15 +2,16 @@
 
     python benchmarks/bench.py --size 512 --dtype bfloat16 --steps 2
     python benchmarks/bench.py --device cuda --dtype float16 --steps 30 --prompt "a red boat" --compile --json
-    python benchmarks/bench.py --weights FOLDER --plain     # the same without packed convolutions
+    python benchmarks/bench.py --weights FOLDER --plain     # the same without the CPU speed-ups
+    python benchmarks/bench.py --diffusers                  # diffusers' inpainting pipeline, for its memory
 
 The models have the v1.4 architecture and random weights: speed does not depend on the values, so
 nothing is downloaded (`--weights FOLDER` loads a checkpoint instead, to measure loading too). The
 timed run is the real code path, `ldm_min.sample.inpaint`, with its parts wrapped in timers. It
 prints, per part: seconds, TFLOP/s achieved, and that rate as a fraction of what this machine does
 on a plain matmul and a plain 3x3 convolution in the same dtype, measured in the same run. Also: the
-peak memory of the run (with --plain as well: the packed convolutions of ldm_min/fast.py must not
-raise it), and how far the UNet's output in bfloat16/float16 is from float32 on the
+peak memory of the run (with --plain as well: the CPU speed-ups of ldm_min/fast.py must not raise
+it; with --diffusers, diffusers' pipeline on the same run and weights must not be below it), and how far the UNet's output in bfloat16/float16 is from float32 on the
 same input and weights.
 """
 import argparse
@@ -55,12 +56,17 @@ def parse_args(argv=None):
                         "compiled on the first call; 0 on the CPU, where a run is long)")
     p.add_argument("--weights", help="load this checkpoint (folder or single file) instead of random weights")
     p.add_argument("--plain", action="store_true",
-                   help="no packed convolutions (ldm_min/fast.py), to compare their speed and peak memory with "
-                        "the plain path's; they run only where fast.packs says they pay")
+                   help="none of the CPU speed-ups of ldm_min/fast.py, to compare peak memory with the plain path's "
+                        "(per-part speed: benchmarks/versus.py)")
+    p.add_argument("--diffusers", action="store_true",
+                   help="the same run through diffusers' StableDiffusionInpaintPipeline on the same random weights, "
+                        "for its time and peak memory (diffusers is not a dependency: a throwaway environment's)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
     if args.compile and args.device != "cuda":
         p.error("--compile is for CUDA only")
+    if args.diffusers and (args.weights or args.compile or args.plain):
+        p.error("--diffusers runs random weights, eagerly: not with --weights, --compile or --plain")
     if args.size % 8:
         p.error("--size must be a multiple of 8")
     return args
@@ -189,11 +195,41 @@ def low_precision_error(models, configs, size, prompt):
     return ((low - ref).norm() / ref.norm()).item(), (low - ref).abs().max().item()
 
 
+@torch.no_grad()
+def diffusers_run(models, configs, args):
+    """Time and peak memory of diffusers' inpainting pipeline on the same picture, hole, steps, prompt
+    and (shared, not copied) random weights as ldm_min's run; printed as ldm_min's are."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+    parts = {}
+    for cls, part in ((UNet2DConditionModel, "unet"), (AutoencoderKL, "vae")):
+        with torch.device("meta"):
+            parts[part] = cls(**{k: v for k, v in configs[part].items() if not k.startswith("_")})
+        parts[part].load_state_dict(getattr(models, part).state_dict(), assign=True)
+        setattr(models, part, None)  # ldm_min's modules go: only the shared weights stay
+    pipe = StableDiffusionInpaintPipeline(
+        **parts, text_encoder=models.text_encoder, tokenizer=models.tokenizer, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+        scheduler=DDIMScheduler.from_config({k: v for k, v in configs["scheduler"].items() if not k.startswith("_")}))
+    image, mask = demo_picture(args.size)
+    start = time.perf_counter()
+    # guidance 1 without a prompt: one UNet pass a step, as ldm_min's
+    pipe(args.prompt, image=image, mask_image=mask, height=args.size, width=args.size, strength=1.0, eta=Options().eta,
+         num_inference_steps=args.steps, guidance_scale=Options().guidance if args.prompt else 1.0, output_type="np")
+    sync(models.device)
+    total = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if models.device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"diffusers' StableDiffusionInpaintPipeline, {args.size}x{args.size}, {args.device} {args.dtype}, "
+          f"{args.steps} steps: {total:.1f} s; peak {'memory' if models.device.type == 'cuda' else 'RSS'} "
+          f"{peak / 2**30:.2f} GiB")
+
+
 def main(argv=None):
     args = parse_args(argv)
     device, dtype = pick_device(args.device, args.dtype)
-    if args.plain:
-        fast.packs = lambda dtype: False  # before loading, which asks it
+    if args.plain or args.diffusers:
+        fast.can_pack = lambda dtype: False  # before loading, which asks it
     # The architecture measured: the checkpoint's (its folder or hub cache), else v1.4's.
     configs = checkpoint_configs(resolve(args.weights, dtype)) if args.weights else read_configs()
     start = time.perf_counter()
@@ -202,6 +238,10 @@ def main(argv=None):
     else:
         models = random_models(configs, device, dtype, args.compile)
     load_seconds = time.perf_counter() - start
+    if args.diffusers:
+        return diffusers_run(models, configs, args)
+    packed = [part for part in ("unet", "vae")
+              if any(isinstance(m, fast.PackedConv2d) for m in getattr(models, part).modules())]
     weight_bytes = sum(p.numel() * p.element_size()
                        for m in (models.unet, models.vae, models.text_encoder) for p in m.parameters())
     image, mask = demo_picture(args.size)
@@ -248,7 +288,6 @@ def main(argv=None):
         parts[part] = {"seconds": seconds[part], "seconds_per_call": per_call, "gflop_per_call": flops[part] / 1e9,
                        "tflops": tflops, "of_matmul": tflops / peaks["matmul"], "of_conv3x3": tflops / peaks["conv3x3"]}
     extrapolated = total + (PAPER_STEPS - args.steps) * unet_call  # only the UNet part scales with steps
-    packed = any(isinstance(m, fast.PackedConv2d) for m in models.vae.modules())
     result = {
         "device": str(device), "dtype": args.dtype, "size": args.size, "steps": args.steps, "guided": guided,
         "unet_batch": 1 + guided, "compiled": args.compile, "packed": packed, "threads": torch.get_num_threads(),
@@ -265,7 +304,7 @@ def main(argv=None):
         print(json.dumps(result, indent=2))
         return
     print(f"{args.size}x{args.size}, {device.type} {args.dtype}, {args.steps} steps, UNet batch {1 + guided}"
-          f"{', compiled' if args.compile else ''}{', packed convolutions' if result['packed'] else ''}, "
+          f"{', compiled' if args.compile else ''}, packed convolutions: {' and '.join(packed) or 'none'}, "
           f"{torch.get_num_threads()} threads")
     if device.type == "cpu":
         busy = " (other processes took cores: the times are inflated)" if cpu_share < 0.9 else ""

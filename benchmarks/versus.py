@@ -1,14 +1,27 @@
-"""ldm_min against diffusers, the implementation people would otherwise use: each part timed in
-one process, on the same random v1.4-size weights and the same inputs, alternating, best of N.
+"""ldm_min against diffusers, the implementation people would otherwise use, and against itself
+without its CPU speed-ups: each part (UNet step, VAE encode, VAE decode) timed in one process, on the
+same random v1.4-size weights and the same inputs, alternating, best of N; the paper's 30-step run
+estimated from the parts.
 
     python benchmarks/versus.py --dtype float32,bfloat16 --repeat 3
+    python benchmarks/versus.py --dtype float32 --repeat 3 --isa AVX2,AVX512_CORE_BF16
     python benchmarks/versus.py --device cuda --dtype float16 --repeat 20
+
+On the CPU the columns are: `plain`, the modules as built; `ldm_min`, as loaded, with the speed-ups
+that ldm_min/fast.py picks for this machine and each part (`fast.packs`); `packed`, every speed-up
+on every part, the convolutions packed too (shown where it differs from ldm_min's). `--isa` runs
+it all again under each `ONEDNN_MAX_CPU_ISA` level, the kernels of a lesser CPU. End-to-end runs
+of a few steps are no evidence for a per-step rule: the VAE and the first calls dominate them.
 
 diffusers is never a dependency of ldm_min: install it in a throwaway virtual environment (beside
 this project's requirements) to get the comparison. Without it, only ldm_min's figures print.
 Compare only figures from one run: machines, and the load on one machine, differ.
 """
 import argparse
+import copy
+import dataclasses
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench import PAPER_STEPS, random_models, sync  # noqa: E402
+from ldm_min import fast  # noqa: E402
 from weights import read_configs  # noqa: E402
 
 
@@ -39,20 +53,45 @@ def diffusers_twins(models):
     return twins
 
 
-def parts(models, twins, size):
-    """name -> (ldm_min's call, diffusers' call or None): the same input to both."""
+def plain_and_sped_up(device, dtype):
+    """side -> Models: `plain` as built; on a CPU where oneDNN packs, `ldm_min` as loaded (fast.speed_up)
+    and, where fast.packs leaves the VAE's convolutions plain, `packed` with them packed too. Each side
+    holds a copy of the plain weights; `packed` shares ldm_min's UNet, which is packed."""
+    can_pack = fast.can_pack
+    fast.can_pack = lambda dtype: False  # random_models ends in fast.speed_up: here, with no CPU speed-up
+    sides = {"plain": random_models(read_configs(), device, dtype, compile=False)}
+    fast.can_pack = can_pack
+    if device.type != "cpu" or not fast.can_pack(dtype):
+        return {"ldm_min": fast.speed_up(sides["plain"])}
+    sides["ldm_min"] = fast.speed_up(copy.deepcopy(sides["plain"]))
+    if not fast.packs("vae", dtype):
+        vae = copy.deepcopy(sides["plain"].vae)
+        fast.pack(vae, convolutions=True)
+        fast.fuse_upsampling(vae)
+        sides["packed"] = dataclasses.replace(sides["ldm_min"], vae=vae)
+    return sides
+
+
+def parts(sides, twins, size):
+    """part -> side -> a call of that part, the same input to each side."""
+    models = sides["ldm_min"]
     generator = torch.Generator().manual_seed(0)
     x = (torch.rand(1, 3, size, size, generator=generator) * 2 - 1).to(models.device, models.dtype)
     z = torch.randn(1, 4, size // 8, size // 8, generator=generator).to(models.device, models.dtype)
     context = models.encode_text("")
     t = torch.tensor(500, device=models.device)
-    unet, vae = twins or (None, None)
-    return {
-        "UNet step": (lambda: models.unet(z, t, context),
-                      unet and (lambda: unet(z, t, encoder_hidden_states=context).sample)),
-        "VAE encode": (lambda: models.vae.encode(x), vae and (lambda: vae.encode(x).latent_dist.mean)),
-        "VAE decode": (lambda: models.vae.decode(z), vae and (lambda: vae.decode(z / models.vae.scaling_factor).sample)),
-    }
+    calls = {"UNet step": {}, "VAE encode": {}, "VAE decode": {}}
+    for side, m in sides.items():
+        if side != "packed":  # its UNet is ldm_min's
+            calls["UNet step"][side] = lambda m=m: m.unet(z, t, context)
+        calls["VAE encode"][side] = lambda m=m: m.vae.encode(x)
+        calls["VAE decode"][side] = lambda m=m: m.vae.decode(z)
+    if twins:
+        unet, vae = twins
+        calls["UNet step"]["diffusers"] = lambda: unet(z, t, encoder_hidden_states=context).sample
+        calls["VAE encode"]["diffusers"] = lambda: vae.encode(x).latent_dist.mean
+        calls["VAE decode"]["diffusers"] = lambda: vae.decode(z / models.vae.scaling_factor).sample
+    return calls
 
 
 def best_of(calls, repeat, device):
@@ -70,27 +109,27 @@ def best_of(calls, repeat, device):
 
 @torch.no_grad()
 def compare(device, dtype, size, repeat):
-    """Rows (part, dtype, ours, theirs or None) for one dtype."""
-    models = random_models(read_configs(), device, dtype, compile=False)
-    twins = diffusers_twins(models)
+    """Rows (part, {side: seconds}) for one dtype."""
+    sides = plain_and_sped_up(device, dtype)
+    twins = diffusers_twins(next(iter(sides.values())))  # sharing the plain weights
     first, best = {}, {}
-    for name, (ours, theirs) in parts(models, twins, size).items():
-        calls = {"ours": ours, **({"theirs": theirs} if theirs else {})}
+    for name, calls in parts(sides, twins, size).items():
         # A first call also picks kernels and allocates (and ldm_min's packs its weights). ldm_min goes first,
         # so it also pays for set-up both then share (on CUDA: loading kernels, cuDNN's plan for each shape).
-        first[name] = best_of(calls, 1, device)
+        first[name] = best_of(dict(sorted(calls.items(), key=lambda kv: kv[0] != "ldm_min")), 1, device)
         best[name] = best_of(calls, repeat, device)
+        if "packed" in sides:  # its UNet is ldm_min's, timed once
+            for times in (first[name], best[name]):
+                times.setdefault("packed", times["ldm_min"])
 
-    def run(side, once):
+    def run(once):
         """The paper's run: E(y), 30 UNet steps, D(z_0); the sampler's own arithmetic is negligible."""
-        if side not in best["UNet step"]:
-            return None
-        return (once["VAE encode"][side] + once["UNet step"][side] + (PAPER_STEPS - 1) * best["UNet step"][side]
-                + once["VAE decode"][side])
-    rows = [(name, times["ours"], times.get("theirs")) for name, times in best.items()]
-    rows.append((f"{PAPER_STEPS}-step run (enc + {PAPER_STEPS} UNet + dec)", run("ours", best), run("theirs", best)))
-    rows.append(("the same, each part's first call counted", run("ours", first), run("theirs", first)))
-    return [(name, str(dtype).removeprefix("torch."), ours, theirs) for name, ours, theirs in rows]
+        return {side: once["VAE encode"][side] + once["UNet step"][side] + (PAPER_STEPS - 1) * best["UNet step"][side]
+                + once["VAE decode"][side] for side in best["UNet step"]}
+    rows = list(best.items())
+    rows.append((f"{PAPER_STEPS}-step run (enc + {PAPER_STEPS} UNet + dec)", run(best)))
+    rows.append(("the same, each part's first call counted", run(first)))
+    return rows
 
 
 def seconds(s):
@@ -103,23 +142,41 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32,bfloat16", help="comma-separated dtypes (default %(default)s)")
     p.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
     p.add_argument("--repeat", type=int, default=3, help="timed rounds; the best counts (default 3)")
+    p.add_argument("--isa", help="comma-separated ONEDNN_MAX_CPU_ISA levels to run under, each in a process of "
+                                 "its own (e.g. AVX2,AVX512_CORE_BF16; default: this CPU's own)")
     return p.parse_args(argv)
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}" if a and b else "-"
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.isa:  # oneDNN reads its level once, at start: a process for each
+        for level in args.isa.split(","):
+            print(f"\nONEDNN_MAX_CPU_ISA={level}", flush=True)
+            subprocess.run([sys.executable, __file__, "--device", args.device, "--dtype", args.dtype,
+                            "--size", str(args.size), "--repeat", str(args.repeat)],
+                           env={**os.environ, "ONEDNN_MAX_CPU_ISA": level}, check=True)
+        return
     device = torch.device(args.device)
     if device.type == "cuda":
         print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}")
     else:
         flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
         native = [f for f in ("avx512_bf16", "amx_bf16") if f in flags.split()]
-        print(f"{torch.get_num_threads()} threads; native bf16: {', '.join(native) or 'none'}; torch {torch.__version__}")
-    print("| part | dtype | ldm_min | diffusers | ratio |\n|---|---|---|---|---|")
+        cpu = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "")
+        print(f"{cpu}; {torch.get_num_threads()} threads; native bf16: {', '.join(native) or 'none'}; "
+              f"oneDNN level {os.environ.get('ONEDNN_MAX_CPU_ISA', 'native')}; torch {torch.__version__}")
+    print("| part | dtype | plain | ldm_min | packed | diffusers | ldm_min / plain | ldm_min / diffusers |\n"
+          "|---|---|---|---|---|---|---|---|")
     for dtype in args.dtype.split(","):
-        for name, kind, ours, theirs in compare(device, getattr(torch, dtype), args.size, args.repeat):
-            ratio = f"{ours / theirs:.2f}" if theirs else "-"
-            print(f"| {name} | {kind} | {seconds(ours)} | {seconds(theirs) if theirs else '-'} | {ratio} |", flush=True)
+        for name, times in compare(device, getattr(torch, dtype), args.size, args.repeat):
+            shown = lambda side: seconds(times[side]) if side in times else "-"
+            print(f"| {name} | {dtype} | {shown('plain')} | {shown('ldm_min')} | {shown('packed')} | "
+                  f"{shown('diffusers')} | {ratio(times['ldm_min'], times.get('plain'))} | "
+                  f"{ratio(times['ldm_min'], times.get('diffusers'))} |", flush=True)
 
 
 if __name__ == "__main__":

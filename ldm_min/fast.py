@@ -7,6 +7,8 @@ import sys
 import torch
 from torch import nn
 
+from .layers import Attention, Upsample
+
 # glibc keeps freed heap memory for reuse, and only malloc_trim hands it back to the system.
 malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform == "linux" else None
 
@@ -38,6 +40,74 @@ class PackedConv2d(nn.Conv2d):
             destination[prefix + "weight"] = self.weight.to_dense()
 
 
+# In one dimension, nearest 2x upsampling then a 3-tap convolution (padding 1) makes output 2i from
+# x[i-1] w0 + x[i] (w1 + w2), and output 2i+1 from x[i] (w0 + w1) + x[i+1] w2: a transposed convolution
+# of stride 2 and padding 1 whose 4 taps are TAPS @ w.
+TAPS = torch.tensor([[0.0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]])
+TRANSPOSED = dict(padding=[1, 1], output_padding=[0, 0], stride=[2, 2], dilation=[1, 1], groups=1)
+
+
+class PackedUpsample(Upsample):
+    """Nearest 2x upsampling and the 3x3 convolution after it, as one stride-2 transposed convolution
+    with a 4x4 kernel (TAPS w TAPS^T for each pair of channels): each output pixel takes 2x2 input
+    pixels instead of 3x3 upsampled ones, 4/9 of the multiplications, and the upsampled map is never
+    made. The kernel is derived and laid out for oneDNN at the first call, as `PackedConv2d`'s
+    weights are; the state dict keeps the plain convolution. A size other than twice the input (the
+    UNet's skip connection of an odd side) takes the plain path. On one core of the AMD EPYC
+    (machine F), float32, the VAE decoder's 256-wide step to 512x512 took 2.04 -> 0.74 s."""
+
+    def forward(self, x, size=None):
+        if size is not None and tuple(size) != (2 * x.shape[-2], 2 * x.shape[-1]):
+            return super().forward(x, size)
+        if not hasattr(self, "transposed"):
+            w = self.conv.weight.float()
+            taps = TAPS.to(w.device)
+            kernel = torch.einsum("ka,oiab,lb->iokl", taps, w, taps).to(self.conv.weight.dtype)
+            self.transposed = torch.ops.mkldnn._reorder_convolution_transpose_weight(
+                kernel, *TRANSPOSED.values(), x.shape)
+            del w, kernel
+            if malloc_trim:
+                malloc_trim(0)  # the float32 copies made on the way, as in PackedConv2d
+        return torch.ops.mkldnn._convolution_transpose_pointwise(
+            x, self.transposed, self.conv.bias, *TRANSPOSED.values(), "none", [], "")
+
+
+class PackedLinear(nn.Linear):
+    """A linear layer computed by oneDNN, the library of the CPU convolutions, rather than by the
+    BLAS that `F.linear` calls in float32 (MKL), which runs its AVX2 kernels on AMD CPUs. The same
+    result (equal bits in every shape tried); on one core of the AMD EPYC (machine F), float32, the
+    UNet's 4096x320 -> 320 product took 80 -> 234 GFLOP/s, and under AVX2 kernels 98 -> 114.
+    In bfloat16 both are oneDNN's: even, but for the feed-forward's 320 -> 2560 (369 -> 461)."""
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+QUERIES = 128  # a block's scores, 128 x 4096 in bfloat16, stay in a core's 1-2 MiB of L2 cache
+
+
+class BlockedAttention(Attention):
+    """Self-attention as two oneDNN matrix products for each head and block of QUERIES queries,
+    rather than PyTorch's CPU flash attention. On one core of the AMD EPYC (machine F), bfloat16:
+    8 heads x 4096 tokens x 40 (the UNet at 64x64) 67 -> 151 GFLOP/s, 8 x 1024 x 80: 81 -> 169.
+    Not in float32 there: 69 -> 108 with AVX-512 kernels, but slower with AVX2 ones (74 -> 65).
+    Cross-attention, over the text's 77 tokens, gains nothing and keeps the fused kernel."""
+
+    def attend(self, q, k, v):
+        if k.shape[-2] != q.shape[-2]:
+            return super().attend(q, k, v)
+        out = torch.empty_like(q)
+        for b in range(q.shape[0]):
+            for h in range(q.shape[1]):
+                keys = (k[b, h] * q.shape[-1] ** -0.5).contiguous()  # the rows of the product's weight
+                values = v[b, h].t().contiguous()
+                for i in range(0, q.shape[2], QUERIES):
+                    scores = torch.ops.mkldnn._linear_pointwise(q[b, h, i:i + QUERIES], keys, None, "none", [], "")
+                    out[b, h, i:i + QUERIES] = torch.ops.mkldnn._linear_pointwise(
+                        scores.softmax(-1), values, None, "none", [], "")
+        return out
+
+
 def can_pack(dtype):
     """Whether oneDNN's packed convolutions run here in `dtype`: on x86 CPUs, and in bfloat16 only
     where oneDNN has bfloat16 kernels (AVX512-BF16 and up)."""
@@ -45,14 +115,17 @@ def can_pack(dtype):
         dtype == torch.float32 or dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def packs(dtype):
-    """Whether the CPU convolutions are packed (and the UNet runs channels-last): only where that was
-    measured to pay, on CPUs with AMX. Measured end to end at 512x512, side by side:
-    - 2-core Intel Xeon with AMX: a bfloat16 UNet step 1.07 -> 0.88 s, float32 3.53 -> 3.44 s.
-    - 2-core AMD EPYC with AVX-512 and AVX512-BF16, no AMX: no gain; float32 27.8 s against 25.6 s
-      unpacked (2 steps), bfloat16 18.0-18.5 s against 17.2-18.2 s (4 steps).
-    Laptops (AVX2) were never measured faster, so they keep the plain path too."""
-    return can_pack(dtype) and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+def packs(part, dtype):
+    """Whether `part`'s ("unet" or "vae") convolutions are packed (and the UNet runs channels-last),
+    decided per part from per-part timings, packed against plain in one process, alternating
+    (`benchmarks/versus.py`, docs/performance.md):
+    - The UNet, wherever oneDNN packs: a step on a 2-core AMD EPYC with AVX-512 and AVX512-BF16, no
+      AMX (machine F), took 0.70-0.75 of the plain time in float32 and 0.72 in bfloat16, 0.88 under
+      AVX2 kernels; on AMX machines 0.82 in bfloat16 and 0.97 in float32.
+    - The VAE, only with AMX, where it was packed with the UNet when bfloat16 reached 0.40 of
+      diffusers' time; on machine F packing made it slower: encode 1.09, decode 1.06 of plain."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return can_pack(dtype) and (part == "unet" or amx)
 
 
 def channels_last_inside(module):
@@ -64,23 +137,48 @@ def channels_last_inside(module):
     module.register_forward_hook(lambda m, args, out: out.contiguous())
 
 
-def pack_convolutions(module):
+def blocks_attention(dtype):
+    """Whether self-attention runs as `BlockedAttention`: in bfloat16 where oneDNN has its kernels,
+    but not with AMX, where it was not measured (a float32 version with MKL's products, machine D,
+    took 157 ms against flash attention's 104)."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return dtype == torch.bfloat16 and can_pack(dtype) and not amx
+
+
+def pack(module, convolutions, attention=False):
+    """Swap in the packed modules above, in place: the linears, and the convolutions and the
+    attention too when `convolutions`, `attention`."""
     for m in module.modules():
-        if type(m) is nn.Conv2d:
-            m.__class__ = PackedConv2d  # same parameters, another forward
+        if type(m) is Attention and attention:
+            m.__class__ = BlockedAttention
+        elif type(m) is nn.Linear:
+            m.__class__ = PackedLinear  # same parameters, another forward
+        elif type(m) is nn.Conv2d and convolutions:
+            m.__class__ = PackedConv2d
+
+
+def fuse_upsampling(module):
+    for m in module.modules():
+        if type(m) is Upsample:
+            m.__class__ = PackedUpsample
 
 
 def speed_up(models, compile=False):
     """Make loaded `models` fast, in place: the VAE's encoder and decoder channels-last inside; on
-    the CPU every convolution a `PackedConv2d`, and the UNet channels-last inside too; with `compile`
-    the UNet compiled by torch.compile (once per run: its timestep is a tensor input). After this the
-    modules are for inference only: no `.to()`, no training, no torch.compile of one's own."""
+    a CPU where oneDNN packs (`can_pack`), the linears of both models packed, their convolutions
+    where `packs` says (the UNet then channels-last inside too), and the VAE's upsampling fused.
+    With `compile` the UNet is compiled by torch.compile (once per run: its timestep is a tensor
+    input) and otherwise left plain. After this the modules are for inference only: no `.to()`, no
+    training, no torch.compile of one's own."""
     channels_last_inside(models.vae.encoder)
     channels_last_inside(models.vae.decoder)
-    if models.device.type == "cpu" and packs(models.dtype):
-        pack_convolutions(models.vae)
+    if models.device.type == "cpu" and can_pack(models.dtype):
+        pack(models.vae, packs("vae", models.dtype), blocks_attention(models.dtype))
+        # Not the UNet's: its fused kernels (1280 wide) would sit beside the plain ones, which odd
+        # sizes still need: 0.22 GiB more in float32, above the plain path's peak, for 3% of a step.
+        fuse_upsampling(models.vae)
         if not compile:  # a UNet to be compiled stays plain: torch.compile traces it and picks its layouts
-            pack_convolutions(models.unet)
+            pack(models.unet, packs("unet", models.dtype), blocks_attention(models.dtype))
             channels_last_inside(models.unet)
     if compile:
         # On CUDA also replayed as a CUDA graph, launched at once: eager PyTorch spends as long launching

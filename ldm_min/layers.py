@@ -92,8 +92,11 @@ class Attention(nn.Module):
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         # (B, N, heads * d) -> (B, heads, N, d)
         q, k, v = (a.unflatten(-1, (self.heads, -1)).transpose(1, 2) for a in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.to_out(out.transpose(1, 2).flatten(2))
+        return self.to_out(self.attend(q, k, v).transpose(1, 2).flatten(2))
+
+    def attend(self, q, k, v):
+        """softmax(q k^T / sqrt(d)) v for each head: (B, heads, N, d)."""
+        return F.scaled_dot_product_attention(q, k, v)
 
 
 class Block(nn.Module):

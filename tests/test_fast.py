@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ldm_min import fast
+from ldm_min.layers import Attention, Upsample
 from weights import build, read_configs
 
 TINY = Path(__file__).parent / "golden" / "tiny-sd"
@@ -19,6 +20,18 @@ def packing(dtype):
 
 
 DTYPES = [pytest.param(dtype, marks=packing(dtype)) for dtype in (torch.float32, torch.bfloat16)]
+
+
+@pytest.fixture
+def agree(close_paths):
+    """agree(actual, expected): float32 paths by the suite's rule (close_paths); bfloat16 ones within
+    2e-2 of the norm, as the bfloat16 UNet below: a path that rounds its weights to 8 bits once more
+    is 2.5e-3 off (measured on an upsampler)."""
+    def check(actual, expected):
+        if expected.dtype == torch.float32:
+            return close_paths(actual, expected)
+        return bool((actual.float() - expected.float()).norm() <= 2e-2 * expected.float().norm())
+    return check
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -54,6 +67,80 @@ def test_packed_convolution_saves_its_plain_weights():
     assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_packed_upsampling_is_nearest_upsampling_then_the_convolution(dtype, layout, agree):
+    torch.manual_seed(0)
+    up = Upsample(16).to(dtype)
+    x = torch.randn(2, 16, 6, 5).to(dtype).contiguous(memory_format=layout)
+    with torch.no_grad():
+        expected = up(x)
+        up.__class__ = fast.PackedUpsample
+        out = up(x)
+        assert up.transposed.is_mkldnn  # the fused path ran
+        assert out.shape == expected.shape and agree(out, expected)
+        assert torch.equal(up(x, size=(12, 10)), out)  # twice the input's size, asked: the same path
+
+
+@packing(torch.float32)
+def test_packed_upsampling_to_another_size_is_the_plain_path():
+    up, x = Upsample(8), torch.randn(1, 8, 3, 3)  # an odd skip connection: 3 -> 5, not 6
+    with torch.no_grad():
+        expected = up(x, size=(5, 5))
+        up.__class__ = fast.PackedUpsample
+        assert torch.equal(up(x, size=(5, 5)), expected)
+
+
+@packing(torch.float32)
+def test_packed_upsampling_saves_its_plain_convolution():
+    up = Upsample(8)
+    expected = {k: v.clone() for k, v in up.state_dict().items()}
+    up.__class__ = fast.PackedUpsample
+    with torch.no_grad():
+        up(torch.randn(1, 8, 4, 4))
+    state = up.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, bias", [((2, 7, 24), True), ((7, 24), True), ((1, 300, 24), False)])
+def test_packed_linear_is_the_linear(dtype, shape, bias, agree):
+    linear, x = nn.Linear(24, 40, bias=bias).to(dtype), torch.randn(shape).to(dtype)
+    with torch.no_grad():
+        expected = linear(x)
+        linear.__class__ = fast.PackedLinear
+        out = linear(x)
+    assert out.shape == expected.shape and agree(out, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_blocked_self_attention_is_the_attention(dtype, agree):
+    torch.manual_seed(0)
+    attention = Attention(64, heads=2).to(dtype)
+    x = torch.randn(2, 2 * fast.QUERIES + 44, 64).to(dtype)  # the last block of queries is short
+    with torch.no_grad():
+        expected = attention(x)
+        attention.__class__ = fast.BlockedAttention
+        assert agree(attention(x), expected)
+
+
+@packing(torch.float32)
+def test_blocked_attention_leaves_cross_attention_to_the_fused_kernel():
+    attention, x, context = Attention(64, heads=2, context_dim=32), torch.randn(1, 300, 64), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        expected = attention(x, context)
+        attention.__class__ = fast.BlockedAttention
+        assert torch.equal(attention(x, context), expected)
+
+
+def test_attention_is_blocked_in_bfloat16_without_amx_only(monkeypatch):
+    monkeypatch.setattr(fast, "can_pack", lambda dtype: True)
+    for amx in (False, True):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        assert fast.blocks_attention(torch.bfloat16) == (not amx)
+        assert not fast.blocks_attention(torch.float32)
+
+
 @pytest.fixture(scope="module")
 def plain(tiny_cpu):
     """The tiny checkpoint's UNet and VAE as built, with the loaded weights, and no speed-up."""
@@ -65,17 +152,31 @@ def plain(tiny_cpu):
 
 
 def sped_up(module):
-    """A copy of `module` with packed convolutions and channels-last inside, as fast.packs machines run it."""
+    """A copy of `module` with every speed-up and channels-last inside."""
     module = copy.deepcopy(module)
-    fast.pack_convolutions(module)
+    fast.pack(module, convolutions=True, attention=True)
+    fast.fuse_upsampling(module)
     fast.channels_last_inside(module)
     return module
 
 
-def test_convolutions_are_packed_where_packing_pays_and_nowhere_else(tiny_cpu):
-    for part in (tiny_cpu.unet, tiny_cpu.vae):
-        kinds = {type(m) for m in part.modules() if isinstance(m, nn.Conv2d)}
-        assert kinds == ({fast.PackedConv2d} if fast.packs(torch.float32) else {nn.Conv2d})
+@pytest.mark.parametrize("part", ["unet", "vae"])
+def test_each_part_is_packed_where_packing_pays_and_nowhere_else(tiny_cpu, part):
+    module, packed = getattr(tiny_cpu, part), fast.can_pack(torch.float32)
+    kinds = lambda cls: {type(m) for m in module.modules() if isinstance(m, cls)}
+    assert kinds(nn.Conv2d) == ({fast.PackedConv2d} if fast.packs(part, torch.float32) else {nn.Conv2d})
+    assert kinds(nn.Linear) == ({fast.PackedLinear} if packed else {nn.Linear})
+    assert kinds(Upsample) == ({fast.PackedUpsample} if packed and part == "vae" else {Upsample})
+
+
+def test_the_unet_is_packed_on_every_cpu_that_packs_and_the_vae_only_with_amx(monkeypatch):
+    monkeypatch.setattr(fast, "can_pack", lambda dtype: True)
+    for amx in (False, True):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        assert fast.packs("unet", torch.float32) and fast.packs("unet", torch.bfloat16)
+        assert fast.packs("vae", torch.float32) == amx == fast.packs("vae", torch.bfloat16)
+    monkeypatch.setattr(fast, "can_pack", lambda dtype: False)
+    assert not fast.packs("unet", torch.float32) and not fast.packs("vae", torch.float32)
 
 
 @packing(torch.float32)
