@@ -28,7 +28,7 @@ def client(tiny, blip, device):
     import app
 
     args = app.parse_args(["--max-upload", str(MAX_UPLOAD_MIB), "--captioner", str(blip), "--device", device])
-    with TestClient(app.make_app(tiny, args)) as client:
+    with TestClient(app.make_app(tiny, args), base_url="http://127.0.0.1:8000") as client:
         yield client
 
 
