@@ -44,7 +44,7 @@ from ldm_min.sample import inpaint_tensors
 
 PAGE = Path(__file__).with_name("app.html")
 LOOPBACK = ("127.0.0.1", "localhost", "[::1]")  # the names this machine has for itself in a Host header
-ANY_ADDRESS = ("0.0.0.0", "::")                 # listening on every address: the machine's every name
+ANY_ADDRESS = ("0.0.0.0", "::", "")             # listening on every address: the machine's every name
 
 
 def token(text):
@@ -211,6 +211,7 @@ def make_app(models, args):
     from anyio import to_thread
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.responses import FileResponse, StreamingResponse
+    from starlette.background import BackgroundTask
 
     app = FastAPI()
     P = fit_preview(models)
@@ -308,7 +309,10 @@ def make_app(models, args):
         cancel, events = threading.Event(), queue.Queue()
         running.update(cancel=cancel, step=0, steps=options.steps)
         threading.Thread(target=work, args=(x, hole, options, cancel, events), name="ldm_min run", daemon=True).start()
-        return StreamingResponse(stream(events, cancel), media_type="text/event-stream")
+        # A page gone before its stream began never runs the stream's code: the task after the
+        # response, which a server runs once the client has gone, tells that run too.
+        return StreamingResponse(stream(events, cancel), media_type="text/event-stream",
+                                 background=BackgroundTask(cancel.set))
 
     @app.get("/status")
     def status():
