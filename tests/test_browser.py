@@ -76,7 +76,7 @@ def browser():
 @pytest.fixture
 def page(browser, server):
     page = browser.new_page(accept_downloads=True, viewport={"width": 1200, "height": 900})
-    page.add_init_script(KEEP_SENT_MASK)
+    page.add_init_script(KEEP_SENT)
     page.goto(server)
     yield page
     page.close()
@@ -122,9 +122,10 @@ def sent(page, part):
 
 # Chromium does not show a request's file parts to Playwright, so the page's fetch is wrapped to keep
 # the files of each request it sends, as base64, before sending it.
-KEEP_SENT_MASK = """
+KEEP_SENT = """
 const send = window.fetch;
-const base64 = async file => btoa(Array.from(new Uint8Array(await file.arrayBuffer()), b => String.fromCharCode(b)).join(""));
+const base64 = async file =>
+  btoa(Array.from(new Uint8Array(await file.arrayBuffer()), b => String.fromCharCode(b)).join(""));
 window.fetch = async (url, options) => {
   if (options && options.body instanceof FormData)
     window.sent = { image: await base64(options.body.get("image")), mask: await base64(options.body.get("mask")) };
