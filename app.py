@@ -2,18 +2,27 @@
 
     python app.py                          # loads the models once, then: open http://127.0.0.1:8000
     python app.py --weights sd14/ --port 8080
+    python app.py --host 0.0.0.0           # the network too: prints the address with its token
 
 The page (app.html) sends a photo, the mask painted on it and the options. The server runs
 `inpaint_tensors` on them, as inpaint.py does, and streams every step's previews of z_{0|t} and
 ẑ_{0|t} as server-sent events, then the result as a PNG: the very file `python inpaint.py` writes
-for the same image, mask and options. One run at a time.
+for the same image, mask and options. One run at a time, and it belongs to the page that started
+it: when that page stops reading (reloaded, closed), the run stops after its current step.
+
+Only the page itself can drive the server: requests to another Host (DNS rebinding) are refused,
+and so are runs and cancels sent by other web sites. Beyond loopback every request needs a token,
+as Jupyter's: made at start and printed in the address, or set with --token.
 """
 import argparse
 import base64
 import gc
 import io
+import ipaddress
 import json
 import queue
+import re
+import secrets
 import socket
 import sys
 import tempfile
@@ -34,18 +43,98 @@ from ldm_min.region import REGIONS
 from ldm_min.sample import inpaint_tensors
 
 PAGE = Path(__file__).with_name("app.html")
+LOOPBACK = ("127.0.0.1", "localhost", "[::1]")  # the names this machine has for itself in a Host header
+ANY_ADDRESS = ("0.0.0.0", "::", "")             # listening on every address: the machine's every name
+
+
+def token(text):
+    """--token: it travels in an address and a cookie, so it keeps to characters neither escapes."""
+    if not re.fullmatch(r"[A-Za-z0-9._~-]+", text):
+        raise argparse.ArgumentTypeError("a token is letters, digits and . _ ~ - only")
+    return text
+
+
+def is_loopback(host):
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def parse_args(argv=None):
     p = inpaint.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only; "
+                                                       "any other needs the token)")
     p.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
+    p.add_argument("--token", type=token, help="the secret every request must carry (default: a random one when "
+                                               "--host is not a loopback address, printed in the address to open)")
     p.add_argument("--max-upload", type=int, default=50, help="MiB a request may send, photo and mask together "
                                                               "(default %(default)s)")
     p.add_argument("--captioner", help="for the prompt auto: as inpaint.py's --captioner")
     inpaint.add_model_options(p)
     p.set_defaults(quiet=True)  # inpaint.auto_prompt prints the caption unless quiet: the page shows it
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.token is None and not is_loopback(args.host):
+        args.token = secrets.token_hex(24)  # Jupyter's length: 192 random bits, made at each start
+    return args
+
+
+def address(args):
+    """The address to open, with the token when there is one (as Jupyter prints it)."""
+    host = socket.gethostname() if args.host in ANY_ADDRESS else args.host
+    return f"http://{bracketed(host)}:{args.port}" + (f"/?token={args.token}" if args.token else "")
+
+
+def bracketed(host):
+    """An IPv6 address as a URL and a Host header write it."""
+    return f"[{host}]" if ":" in host else host
+
+
+def hosts(args):
+    """The Host headers a request may carry: the listening address with its port (on loopback, any of
+    this machine's names for itself). None, any, when listening on every address: the token guards."""
+    if args.host in ANY_ADDRESS:
+        return None
+    names = {bracketed(args.host), *(LOOPBACK if is_loopback(args.host) else ())}
+    return {f"{name}:{args.port}" for name in names} | (names if args.port == 80 else set())  # :80 goes unsaid
+
+
+def refusal(request, hosts, token, cookie):
+    """Why a request may not reach the server, or None.
+
+    - Host: a page of another site whose name was rebound to this machine's address (DNS
+      rebinding) sends its own name; only the server's own address passes.
+    - The token, beyond loopback: in the address (?token=) or the cookie the page got with it.
+    - A request that changes something (a run, a cancel) from a page of another origin: a browser
+      sends any site's form POST to 127.0.0.1, and CORS only hides the answer. Its Origin or its
+      Sec-Fetch-Site says so (as ComfyUI's origin middleware checks); curl and scripts send
+      neither, and pass.
+    """
+    host = request.headers.get("host", "")
+    if hosts is not None and host not in hosts:
+        return f"Host {host!r} is not this server's address ({', '.join(sorted(hosts))})"
+    if token and not any(secrets.compare_digest(given.encode(), token.encode())
+                         for given in (request.query_params.get("token"), request.cookies.get(cookie)) if given):
+        return "this server needs its token: open the address it printed at start (.../?token=...)"
+    if request.method not in ("GET", "HEAD"):
+        origin, site = request.headers.get("origin"), request.headers.get("sec-fetch-site")
+        if origin is not None and origin != f"http://{host}":
+            return f"only this server's own page may run or cancel, not a page of {origin}"
+        if site not in (None, "same-origin"):
+            return f"only this server's own page may run or cancel, not a {site} page"
+    return None
+
+
+def guard(app, hosts, token, cookie):
+    """The ASGI middleware that holds every request to `refusal`: refused ones get 403 and its reason."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
+    async def gate(scope, receive, send):
+        if scope["type"] == "http" and (reason := refusal(Request(scope), hosts, token, cookie)):
+            return await JSONResponse({"detail": reason}, 403)(scope, receive, send)
+        await app(scope, receive, send)
+    return gate
 
 
 @torch.no_grad()
@@ -118,13 +207,17 @@ def latent_grid(hole, options):
 
 
 def make_app(models, args):
+    """The server: the page, its routes, behind `guard`."""
+    from anyio import to_thread
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.responses import FileResponse, StreamingResponse
+    from starlette.background import BackgroundTask
 
     app = FastAPI()
     P = fit_preview(models)
     busy = threading.Lock()  # one run at a time: held from the request until its worker ends
-    running = {}             # the run in progress: its cancel event
+    running = {}             # the run in progress: its cancel event, its step and steps
+    cookie = f"ldm_min_token_{args.port}"  # browsers share a cookie between ports: one name per server
 
     async def read_run(request):
         """The photo, its hole and the Options of a /run request, checked before anything runs."""
@@ -153,6 +246,7 @@ def make_app(models, args):
         def step(i, t, z, z0, z0_hat):
             if cancel.is_set():
                 raise Cancelled
+            running["step"] = i + 1
             send("step", i=i, t=int(t), steps=options.steps, seconds=(time.perf_counter() - start) / (i + 1),
                  z0=preview(z0, P), z0_hat=preview(z0_hat, P))
 
@@ -184,9 +278,22 @@ def make_app(models, args):
             busy.release()  # before the stream ends: a page that starts its next run at once is not told busy
             events.put(None)
 
+    async def stream(events, cancel):
+        """The run's events as they come. When its page stops reading (reloaded, closed, gone), the
+        server cancels this: the run stops after its current step, and its memory is freed."""
+        try:
+            while (event := await to_thread.run_sync(events.get, abandon_on_cancel=True)) is not None:
+                yield event
+        finally:
+            cancel.set()
+
     @app.get("/")
     def page():
-        return FileResponse(PAGE)
+        """The page; opened at the printed address, it keeps the token as a cookie for its requests."""
+        response = FileResponse(PAGE)
+        if args.token:
+            response.set_cookie(cookie, args.token, httponly=True, samesite="strict")
+        return response
 
     @app.get("/options")
     def options():
@@ -199,9 +306,22 @@ def make_app(models, args):
         x, hole, options = await read_run(request)
         if not busy.acquire(blocking=False):
             raise HTTPException(409, "busy: another run is in progress; wait for it to end or cancel it")
-        running["cancel"], events = threading.Event(), queue.Queue()
-        threading.Thread(target=work, args=(x, hole, options, running["cancel"], events), daemon=True).start()
-        return StreamingResponse(iter(events.get, None), media_type="text/event-stream")
+        cancel, events = threading.Event(), queue.Queue()
+        running.update(cancel=cancel, step=0, steps=options.steps)
+        threading.Thread(target=work, args=(x, hole, options, cancel, events), name="ldm_min run", daemon=True).start()
+        # A page gone before its stream began never runs the stream's code: the task after the
+        # response, which a server runs once the client has gone, tells that run too.
+        return StreamingResponse(stream(events, cancel), media_type="text/event-stream",
+                                 background=BackgroundTask(cancel.set))
+
+    @app.get("/status")
+    def status():
+        """The run in progress, for a page opened during it: steps done, of how many, and whether it
+        is stopping."""
+        run = dict(running)  # as it is now: its worker clears it when it ends
+        if not run:
+            return {"running": False}
+        return {"running": True, "step": run["step"], "steps": run["steps"], "cancelling": run["cancel"].is_set()}
 
     @app.post("/cancel")
     def cancel():
@@ -211,7 +331,7 @@ def make_app(models, args):
             event.set()
         return {"cancelling": event is not None}
 
-    return app
+    return guard(app, hosts(args), args.token, cookie)
 
 
 def listen(host, port):
@@ -233,7 +353,7 @@ def main(argv=None):
     app = make_app(models, args)
     with tempfile.TemporaryDirectory(prefix="ldm_min_app_") as folder:
         tempfile.tempdir = folder  # where the form parser spools big uploads: removed at exit
-        print(f"open http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr)
+        print(f"open {address(args)} (Ctrl-C stops)", file=sys.stderr)
         uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 

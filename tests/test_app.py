@@ -1,13 +1,16 @@
 """app.py through FastAPI's test client: a run streamed step by step, its result the command line's,
 cancel, busy, and a clear message for each bad input."""
 import base64
+import contextlib
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,7 +31,7 @@ def client(tiny, blip, device):
     import app
 
     args = app.parse_args(["--max-upload", str(MAX_UPLOAD_MIB), "--captioner", str(blip), "--device", device])
-    with TestClient(app.make_app(tiny, args)) as client:
+    with TestClient(app.make_app(tiny, args), base_url="http://127.0.0.1:8000") as client:
         yield client
 
 
@@ -132,6 +135,173 @@ def test_a_second_run_while_one_runs_is_told_busy(client):
     assert status == 409 and message.startswith("busy: another run is in progress")
 
 
+def test_closing_the_stream_stops_the_run_after_its_step_and_frees_the_server(client):
+    """A run belongs to the page that reads it: a page reloaded or closed stops reading."""
+    with client.stream("POST", "/run", **form(steps=1000)) as response:
+        next(e for e in events(response.iter_lines()) if e[0] == "step")
+    steps = []  # the steps done, seen while the run is still there
+    for _ in range(1000):  # a bound: the run left alone has 1000 steps to go
+        now = client.get("/status").json()
+        if not now["running"]:
+            break
+        steps.append(now["step"])
+        time.sleep(0.01)
+    assert not now["running"] and (not steps or steps[-1] <= steps[0] + 1)  # after the step it was in
+    for _ in range(100):
+        if not any(t.name == "ldm_min run" for t in threading.enumerate()):
+            break  # the run's thread is gone, and its tensors with it
+        time.sleep(0.01)
+    assert not any(t.name == "ldm_min run" for t in threading.enumerate()) and run(client, steps=1)[-1][0] == "done"
+
+
+def test_status_tells_a_page_opened_during_a_run_how_far_it_is(client):
+    assert client.get("/status").json() == {"running": False}
+    with client.stream("POST", "/run", **form(steps=1000)) as response:
+        stream = events(response.iter_lines())
+        next(e for e in stream if e[0] == "step")
+        during = client.get("/status").json()
+        client.post("/cancel")
+        after_cancel = client.get("/status").json()
+        list(stream)
+    assert during["running"] and during["step"] >= 1 and during["steps"] == 1000 and not during["cancelling"]
+    assert after_cancel["cancelling"] or not after_cancel["running"]
+    assert client.get("/status").json() == {"running": False}
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8000", "localhost:8000", "[::1]:8000"])
+def test_this_machines_names_for_itself_with_the_port_are_served(client, host):
+    assert client.get("/options", headers={"host": host}).status_code == 200
+
+
+@pytest.mark.parametrize("host", ["rebind.evil.example", "rebind.evil.example:8000", "127.0.0.1:9999", "127.0.0.1",
+                                  "192.0.2.1:8000", ""])
+def test_a_host_that_is_not_the_listening_address_is_refused(client, host):
+    """DNS rebinding: a foreign site's name, resolved to 127.0.0.1, comes with its own Host."""
+    response = client.get("/options", headers={"host": host})
+    assert response.status_code == 403 and "is not this server's address" in response.json()["detail"]
+
+
+FOREIGN = [{"origin": "http://evil.example"}, {"sec-fetch-site": "cross-site"},
+           {"origin": "http://evil.example", "sec-fetch-site": "cross-site"},
+           {"origin": "http://127.0.0.1:3000", "sec-fetch-site": "same-site"},  # another server of this machine
+           {"origin": "http://localhost:8000"},  # not the origin of a page at 127.0.0.1:8000
+           {"origin": "null"}]  # a sandboxed frame, a file:// page
+
+
+@pytest.mark.parametrize("headers", FOREIGN)
+def test_a_run_sent_by_another_sites_page_is_refused_and_nothing_runs(client, headers):
+    response = client.post("/run", headers=headers, **form(steps=1000))
+    assert response.status_code == 403 and response.json()["detail"].startswith("only this server's own page")
+    assert client.get("/status").json() == {"running": False}
+
+
+def test_a_cancel_sent_by_another_sites_page_is_refused_and_the_run_goes_on(client):
+    with client.stream("POST", "/run", **form(steps=1000)) as response:
+        stream = events(response.iter_lines())
+        next(e for e in stream if e[0] == "step")
+        refused = client.post("/cancel", headers={"origin": "http://evil.example", "sec-fetch-site": "cross-site"})
+        going_on = client.get("/status").json()
+        client.post("/cancel")
+        list(stream)
+    assert refused.status_code == 403 and not going_on["cancelling"]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8000", "localhost:8000", "[::1]:8000"])
+def test_the_pages_own_run_passes(client, host):
+    headers = {"host": host, "origin": f"http://{host}", "sec-fetch-site": "same-origin"}
+    response = client.post("/run", headers=headers, **form(steps=1))
+    assert response.status_code == 200 and "event: done" in response.text
+
+
+def test_a_script_that_sends_no_origin_headers_may_cancel_on_loopback(client):
+    assert client.post("/cancel").json() == {"cancelling": False}
+
+
+def test_a_read_from_another_sites_page_is_not_refused(client):
+    """Reads change nothing, and the browser hides their answer from that page (CORS)."""
+    assert client.get("/options", headers={"origin": "http://evil.example", "sec-fetch-site": "cross-site"}).is_success
+
+
+@pytest.fixture(scope="module")
+def network(tiny, device):
+    """The server on every address (--host 0.0.0.0) with the token s3cret, asked from another machine:
+    a made-up address of the documentation range (RFC 5737); no packet leaves this one."""
+    import app
+
+    args = app.parse_args(["--host", "0.0.0.0", "--token", "s3cret", "--device", device])
+    with TestClient(app.make_app(tiny, args), base_url="http://192.0.2.1:8000", client=("192.0.2.7", 50000)) as client:
+        yield client
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/"), ("GET", "/options"), ("GET", "/status"), ("POST", "/cancel"),
+                                          ("POST", "/run")])
+@pytest.mark.parametrize("token", [None, "wrong", "s3cret_"])
+def test_beyond_loopback_a_request_without_the_token_is_refused(network, method, path, token):
+    network.cookies.clear()
+    response = network.request(method, path, params={"token": token} if token else None)
+    assert response.status_code == 403 and response.json()["detail"].startswith("this server needs its token")
+
+
+def test_the_address_with_the_token_opens_the_page_which_keeps_it_in_a_cookie_for_its_requests(network):
+    network.cookies.clear()
+    page = network.get("/", params={"token": "s3cret"})
+    assert page.status_code == 200 and "<canvas" in page.text
+    cookie = page.headers["set-cookie"].lower()
+    assert cookie.startswith("ldm_min_token_8000=s3cret;") and "httponly" in cookie and "samesite=strict" in cookie
+    assert network.get("/options").status_code == 200  # the cookie, no ?token=
+    assert run(network, steps=1)[-1][0] == "done"
+
+
+def test_a_token_in_a_cookie_of_the_wrong_name_is_refused(network):
+    network.cookies.clear()
+    network.cookies.set("ldm_min_token_8001", "s3cret")  # another server's, on another port
+    assert network.get("/options").status_code == 403
+
+
+def test_on_every_address_any_host_name_with_the_token_is_served(network):
+    network.cookies.clear()
+    assert network.get("/options", params={"token": "s3cret"}, headers={"host": "mybox.lan:8000"}).status_code == 200
+
+
+def test_beyond_loopback_a_random_token_is_made_at_each_start():
+    import app
+
+    first, second = (app.parse_args(["--host", host]).token for host in ("0.0.0.0", "192.0.2.1"))
+    assert re.fullmatch("[0-9a-f]{48}", first) and re.fullmatch("[0-9a-f]{48}", second) and first != second
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
+def test_on_loopback_there_is_no_token_unless_one_is_set(host):
+    import app
+
+    assert app.parse_args(["--host", host]).token is None
+    assert app.parse_args(["--host", host, "--token", "abc"]).token == "abc"
+
+
+def test_token_sets_the_token_beyond_loopback():
+    import app
+
+    assert app.parse_args(["--host", "0.0.0.0", "--token", "abc"]).token == "abc"
+
+
+def test_the_address_printed_beyond_loopback_carries_the_token():
+    import app
+
+    args = app.parse_args(["--host", "0.0.0.0", "--port", "8080"])
+    assert app.address(args) == f"http://{socket.gethostname()}:8080/?token={args.token}"
+    assert app.address(app.parse_args(["--host", "::1", "--token", "t"])) == "http://[::1]:8000/?token=t"
+
+
+@pytest.mark.parametrize("token", ["", "two words", "a;b", "é"])
+def test_a_token_an_address_or_cookie_would_escape_is_one_line_and_status_2(capsys, token):
+    import app
+
+    with pytest.raises(SystemExit) as exit:
+        app.parse_args(["--token", token])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "--token" in err and "letters, digits" in err and err.count("\n") == 1
+
+
 def test_a_file_that_is_not_an_image_is_named_in_the_message(client):
     assert refused(client, image=("notes.txt", b"not a picture")) == (
         400, "image notes.txt: not an image file Pillow can read")
@@ -210,31 +380,50 @@ def test_a_port_in_use_is_one_line_before_the_models_load(capsys):
     assert err.count("\n") == 1
 
 
-def test_the_server_prints_its_address_serves_runs_and_leaves_no_file_when_stopped(tmp_path):
+@contextlib.contextmanager
+def served(tmp_path, *args):
+    """`python app.py` on the tiny checkpoint and a free port, with its own temporary folder; its
+    process and port. Stopped with Ctrl-C at the end."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     (tmp_path / "tmp").mkdir()
     server = subprocess.Popen([sys.executable, "app.py", "--weights", str(GOLDEN / "tiny-sd"), "--device", "cpu",
-                               "--port", str(port)], cwd=GOLDEN.parents[1], stderr=subprocess.PIPE, text=True,
+                               "--port", str(port), *args], cwd=GOLDEN.parents[1], stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
     try:
-        assert server.stderr.readline() == f"open http://127.0.0.1:{port} (Ctrl-C stops)\n"
-        import httpx
-
-        for _ in range(100):  # until it listens
-            try:
-                response = httpx.post(f"http://127.0.0.1:{port}/run", timeout=60, **form(steps=1))
-                break
-            except httpx.ConnectError:
-                time.sleep(0.1)
-        assert response.status_code == 200 and "event: done" in response.text
-        assert [p.name.startswith("ldm_min_app_") for p in ours(tmp_path / "tmp")] == [True]
+        yield server, port
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(60)
+
+
+def post_when_listening(url, **request):
+    import httpx
+
+    for _ in range(100):  # until it listens
+        try:
+            return httpx.post(url, timeout=60, **request)
+        except httpx.ConnectError:
+            time.sleep(0.1)
+
+
+def test_the_server_prints_its_address_serves_runs_and_leaves_no_file_when_stopped(tmp_path):
+    with served(tmp_path) as (server, port):
+        assert server.stderr.readline() == f"open http://127.0.0.1:{port} (Ctrl-C stops)\n"
+        response = post_when_listening(f"http://127.0.0.1:{port}/run", **form(steps=1))
+        assert response.status_code == 200 and "event: done" in response.text
+        assert [p.name.startswith("ldm_min_app_") for p in ours(tmp_path / "tmp")] == [True]
     assert server.returncode == 130 and server.stderr.read() == "stopped\n"  # Ctrl-C, as inpaint.py says it
     assert ours(tmp_path / "tmp") == []
+
+
+def test_with_a_token_the_printed_address_carries_it_and_requests_need_it(tmp_path):
+    with served(tmp_path, "--token", "t0k3n") as (server, port):
+        assert server.stderr.readline() == f"open http://127.0.0.1:{port}/?token=t0k3n (Ctrl-C stops)\n"
+        without = post_when_listening(f"http://127.0.0.1:{port}/cancel")
+        with_it = post_when_listening(f"http://127.0.0.1:{port}/cancel?token=t0k3n")
+    assert without.status_code == 403 and with_it.json() == {"cancelling": False}
 
 
 def ours(folder):
