@@ -108,6 +108,10 @@ class BlockedAttention(Attention):
         return out
 
 
+def has_amx():
+    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+
+
 def can_pack(dtype):
     """Whether oneDNN's packed convolutions run here in `dtype`: on x86 CPUs, and in bfloat16 only
     where oneDNN has bfloat16 kernels (AVX512-BF16 and up)."""
@@ -124,8 +128,14 @@ def packs(part, dtype):
       AVX2 kernels; on AMX machines 0.82 in bfloat16 and 0.97 in float32.
     - The VAE, only with AMX, where it was packed with the UNet when bfloat16 reached 0.40 of
       diffusers' time; on machine F packing made it slower: encode 1.09, decode 1.06 of plain."""
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return can_pack(dtype) and (part == "unet" or amx)
+    return can_pack(dtype) and (part == "unet" or has_amx())
+
+
+def blocks_attention(dtype):
+    """Whether self-attention runs as `BlockedAttention`: in bfloat16 where oneDNN has its kernels,
+    but not with AMX, where it was not measured (a float32 version with MKL's products, machine D,
+    took 157 ms against flash attention's 104)."""
+    return dtype == torch.bfloat16 and can_pack(dtype) and not has_amx()
 
 
 def channels_last_inside(module):
@@ -135,14 +145,6 @@ def channels_last_inside(module):
     module.register_forward_pre_hook(
         lambda m, args: (args[0].contiguous(memory_format=torch.channels_last), *args[1:]))
     module.register_forward_hook(lambda m, args, out: out.contiguous())
-
-
-def blocks_attention(dtype):
-    """Whether self-attention runs as `BlockedAttention`: in bfloat16 where oneDNN has its kernels,
-    but not with AMX, where it was not measured (a float32 version with MKL's products, machine D,
-    took 157 ms against flash attention's 104)."""
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return dtype == torch.bfloat16 and can_pack(dtype) and not amx
 
 
 def pack(module, convolutions, attention=False):
