@@ -10,7 +10,7 @@ import itertools
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, LdmMinError, NonFiniteError
 from .options import DdnmOptions
 
 WINDOW, STRIDE = 256, 128  # the ADM's training size; the fork's windows overlap by half
@@ -114,6 +114,13 @@ def plan(hole):
     return sampled
 
 
+def unet_calls(hole, options):
+    """(UNet calls of this run, calls with every window sampled as the fork runs them). Table 1's
+    holes at 512 px: 4 x 65 = 260 here, 9 x 65 = 585 there (the paper's timing)."""
+    per_window = calls_per_window(travel(options.steps, options.travel_length, options.travel_repeat))
+    return len(plan(hole)) * per_window, len(windows(*hole.shape[-2:])) * per_window
+
+
 def adm_eps(model):
     """eps_theta(x_t, t) of guided-diffusion's ADM `model`, float32 in and out: the first 3 of its 6
     output channels (the other 3 are its learned variance, which hq demo does not use)."""
@@ -128,14 +135,17 @@ def adm_eps(model):
 @torch.no_grad()
 def inpaint_ddnm(x, hole, model, options=DdnmOptions(), callback=None):
     """DDNM's fill of `hole` in x, window by window (`plan`): x (1, 3, H, W) in [-1, 1], H and W at
-    least 256, hole (1, 1, H, W), 1 = paint here. Returns (1, 3, H, W): x's known pixels exactly,
-    the hole painted. Each sampled window starts from fresh noise and sees every earlier window's
-    result as known. The noise: one CPU generator seeded with options.seed; for each sampled window
-    in order, one float32 draw of shape (len(walk), 1, 3, 256, 256) (`ddnm`), moved to x's device.
-    callback(k, t, x_t, x0, x0_hat) sees every UNet call, k counting the image's calls."""
+    least 256, hole (1, 1, H, W), 1 = paint here. Returns (1, 3, H, W) on the model's device: x's
+    known pixels exactly, the hole painted. Each sampled window starts from fresh noise and sees
+    every earlier window's result as known. The noise: one CPU generator seeded with options.seed;
+    for each sampled window in order, one float32 draw of shape (len(walk), 1, 3, 256, 256) (see
+    `ddnm`), moved to the device. callback(k, t, x_t, x0, x0_hat) sees every UNet call, k counting
+    the image's calls."""
     schedule = AdmSchedule(options.steps)
     walk = travel(options.steps, options.travel_length, options.travel_repeat)
+    parameter = next(model.parameters())
     eps_theta, generator = adm_eps(model), torch.Generator().manual_seed(options.seed)
+    x, hole = x.to(parameter.device), hole.to(parameter.device)
     known = 1 - hole
     canvas = x * known                                                            # y = A†Ay: 0 in the hole
     for n, (top, left) in enumerate(plan(hole)):
@@ -145,4 +155,20 @@ def inpaint_ddnm(x, hole, model, options=DdnmOptions(), callback=None):
         seen = callback and (lambda k, *step: callback(done + k, *step))
         canvas[box] = ddnm(eps_theta, canvas[box], known[box], schedule, walk, noise, seen)
         known[box] = 1                                                            # known to the windows after it
+    if not torch.isfinite(canvas).all():
+        dtype = str(parameter.dtype).removeprefix("torch.")
+        raise NonFiniteError(f"DDNM produced inf/NaN in {dtype}: "
+                             + ("run again with --dtype float32" if dtype != "float32" else "corrupt weights?"))
     return canvas
+
+
+def inpaint_pictures(pictures, model, callback=None):
+    """`inpaint_ddnm()` of each (x, hole, options) of `pictures`, one after another. Returns, as
+    `sample.inpaint_batch` does, per picture its result or the LdmMinError it failed with."""
+    results = []
+    for x, hole, options in pictures:
+        try:
+            results.append(inpaint_ddnm(x, hole, model, options, callback))
+        except LdmMinError as e:
+            results.append(e)
+    return results
