@@ -145,3 +145,42 @@ def blip(tmp_path_factory):
 def blip_words(blip):
     """Every word the tiny BLIP can write."""
     return set((blip / "vocab.txt").read_text().split())
+
+
+# A reduced ADM in the layout of guided-diffusion's 256x256_diffusion_uncond.pt (ldm_min/adm.py):
+# three levels of 32, 64 and 128 channels, 2 ResBlocks a level, attention on the lower two levels
+# (1 and 2 heads of 64 channels), 6 output channels.
+TINY_ADM = {"in_channels": 3, "out_channels": 6, "model_channels": 32, "widths": [32, 64, 128], "num_res_blocks": 2,
+            "attention_levels": [1, 2]}
+
+
+@pytest.fixture(scope="session")
+def randomize():
+    """randomize(module, seed): every tensor of `module` drawn at random in place, those the original
+    code starts at zero too (each block's last convolution), at scales that keep activations of
+    order one: weights N(0, 1 / fan-in), GroupNorm scales 1 + N(0, 0.1^2), biases N(0, 0.1^2)."""
+    import torch
+
+    def fill(module, seed):
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, tensor in module.state_dict().items():
+                noise = torch.randn(tensor.shape, generator=generator)
+                if tensor.dim() > 1:
+                    tensor.copy_(noise / tensor[0].numel() ** 0.5)
+                else:  # the ADM's only 1-d weights are GroupNorm scales
+                    tensor.copy_(0.1 * noise + name.endswith(".weight"))
+        return module
+    return fill
+
+
+@pytest.fixture(scope="session")
+def tiny_adm(tmp_path_factory, randomize):
+    """A reduced random ADM (TINY_ADM) saved as the official file is: a torch.save of its state dict."""
+    import torch
+
+    from ldm_min.adm import ADM
+
+    path = tmp_path_factory.mktemp("adm") / "tiny_adm.pt"
+    torch.save(randomize(ADM(TINY_ADM), 0).state_dict(), path)
+    return path
