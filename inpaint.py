@@ -239,11 +239,10 @@ def ddnm_main(args, options, x, hole, out, start):
 
 def load_method(args):
     """The models of --method: Stable Diffusion's, or DDNM's ADM."""
-    from weights import load_adm, load_models, pick_device
+    from weights import load_adm, load_models
 
     if args.method == "ddnm":
-        device, dtype = pick_device(args.device, args.dtype)
-        return load_adm(args.adm_weights, device=device, dtype=dtype)
+        return load_adm(args.adm_weights, args.device, args.dtype)
     return load_models(args.weights, args.device, args.dtype, args.compile, args.tokenizer)
 
 

@@ -10,6 +10,7 @@ import itertools
 
 import torch
 
+from .adm import SCHEDULE
 from .errors import InputError, LdmMinError, NonFiniteError
 from .options import DdnmOptions
 
@@ -17,15 +18,16 @@ WINDOW, STRIDE = 256, 128  # the ADM's training size; the fork's windows overlap
 
 
 class AdmSchedule:
-    """guided-diffusion's linear betas (1e-4 to 0.02 over 1000 steps: its "linear" schedule),
-    respaced to T steps that span all 1000 as its `space_timesteps(1000, "T")` picks them, with the
-    DDPM posterior q(x_{t-1} | x_t, x_0) of the respaced chain. float64, then float32 (as there)."""
+    """The ADM's linear betas (`adm.SCHEDULE`: 1e-4 to 0.02 over 1000 steps), respaced to T steps
+    that span all 1000 as guided-diffusion's `space_timesteps(1000, "T")` picks them, with the DDPM
+    posterior q(x_{t-1} | x_t, x_0) of the respaced chain. float64, then float32 (as there)."""
 
-    def __init__(self, T, num_train_timesteps=1000):
-        betas = torch.linspace(1e-4, 0.02, num_train_timesteps, dtype=torch.float64)
+    def __init__(self, T, cfg=SCHEDULE):
+        n = cfg["num_train_timesteps"]
+        betas = torch.linspace(cfg["beta_start"], cfg["beta_end"], n, dtype=torch.float64)
         # Step i is timestep round(i * stride), the stride summed in floats as guided-diffusion sums
         # it (Python's round: halves to even). T = 25: 0, 42, 83, 125, 166, ..., 957, 999.
-        stride = (num_train_timesteps - 1) / (T - 1) if T > 1 else 1
+        stride = (n - 1) / (T - 1) if T > 1 else 1
         self.timesteps = [round(s) for s in itertools.accumulate([stride] * (T - 1), initial=0.0)]
         abar = torch.cumprod(1 - betas, 0)[self.timesteps]               # abar_t of the kept steps, eq. 1
         abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])             # before step 0: abar = 1
