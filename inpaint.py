@@ -315,7 +315,8 @@ def batch(args, options):
 
         failed = {}
         prompts = {}
-        if getattr(options, "prompt", "") == "auto":  # every caption first: the captioner is freed before the SD weights load
+        # Every caption first: the captioner is freed before the SD weights load (DDNM has no prompt).
+        if getattr(options, "prompt", "") == "auto":
             for image, mask in mine:
                 try:
                     prompts[image] = auto_prompt(*read(image, mask), args)

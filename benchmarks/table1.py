@@ -101,7 +101,8 @@ def parse_args(argv):
                    help="which of the paper's sets this is, for its numbers beside ours (default %(default)s)")
     p.add_argument("--out", required=True, help="output folder; a rerun with the same settings resumes it")
     p.add_argument("--method", choices=cli.METHODS, default="paper",
-                   help="paper: the paper's method; ddnm: DDNM, its baseline, into inpainted/ddnm/ (default %(default)s)")
+                   help="paper: the paper's method; ddnm: DDNM, its baseline, into inpainted/ddnm/ "
+                        "(default %(default)s)")
     p.add_argument("--adm-weights", metavar="FILE",
                    help="with --method ddnm: guided-diffusion's 256x256_diffusion_uncond.pt (or a .safetensors copy)")
     p.add_argument("--weights", help="local folder, hub repo id or single .safetensors file (default: "
@@ -210,14 +211,16 @@ def settings_of(args, names, device, dtype):
     """The run's settings: the protocol's (images, masks, seeds, device), then its method's own: the
     SD weights and `Options` for the paper's method, the ADM's file and `DdnmOptions` for DDNM."""
     settings = {"images": len(names), "images_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
-                "masks": args.masks, "seed": args.seed, "device": device.type, "dtype": str(dtype).removeprefix("torch.")}
+                "masks": args.masks, "seed": args.seed, "device": device.type,
+                "dtype": str(dtype).removeprefix("torch.")}
     if args.method == "ddnm":
         options = {k: v for k, v in asdict(DdnmOptions(steps=args.steps)).items() if k != "seed"}
         return settings | {"ddnm": {"adm_weights": str(Path(args.adm_weights).resolve()), **options}}
     weights = args.weights or os.environ.get("LDM_MIN_WEIGHTS") or DEFAULT_REPO
     if Path(weights).exists():
         weights = str(Path(weights).resolve())
-    settings |= {"weights": weights, "options": {k: v for k, v in asdict(Options(steps=args.steps)).items() if k != "seed"}}
+    options = {k: v for k, v in asdict(Options(steps=args.steps)).items() if k != "seed"}
+    settings |= {"weights": weights, "options": options}
     if args.prompts != ["none"]:  # absent: the prompt kinds are ["none"], and settings.json is as before captions
         captioner = str(args.captioner or DEFAULT_CAPTIONER)
         settings |= {"prompts": args.prompts, "captioner": str(Path(captioner).resolve()) if Path(captioner).is_dir()

@@ -75,7 +75,7 @@ def ddnm(eps_theta, y, m, schedule, walk, noise, callback=None):
     x = noise[0]                                                                  # x_T ~ N(0, I)
     k = 0
     for n, (i, i_next) in enumerate(zip(walk, walk[1:])):                         # hq demo's loop over the walk
-        if i_next > i:                                                            # time travel: x_{t+1} ~ q(x_{t+1} | x_t)
+        if i_next > i:                                                            # time travel: x_{t+1} ~ q(. | x_t)
             beta = schedule.beta[i_next]
             x = (1 - beta).sqrt() * x + beta.sqrt() * noise[n + 1]
             continue

@@ -41,13 +41,12 @@ def ddnm_args(ddnm_adm):
 
 
 def harness(capsys, data, out, *args):
+    """table1.py in this process on DATA into OUT: (exit status, stdout, stderr)."""
     try:
-        table1.run(["--data", str(data), "--out", str(out), *map(str, args)])
-        status = 0
+        table1.run([str(a) for a in ("--data", data, "--out", out, *args)])
     except SystemExit as e:
-        status = e.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
+        return (e.code, *capsys.readouterr())
+    return (0, *capsys.readouterr())
 
 
 @pytest.fixture(scope="module")
