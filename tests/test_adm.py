@@ -41,7 +41,8 @@ def guided_diffusion_model(flags):
 
 def uncond_shapes():
     lines = UNCOND_KEYS.read_text().splitlines()[1:]  # after the header line
-    return {name: [int(d) for d in shape.strip("[]").split(",")] for name, shape in (line.split("\t") for line in lines)}
+    rows = (line.split("\t") for line in lines)
+    return {name: [int(d) for d in shape.strip("[]").split(",")] for name, shape in rows}
 
 
 def outputs(model, size, dtype=torch.float32):
