@@ -461,10 +461,12 @@ def adm_state(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a refused object, a damaged or foreign file: several exception types
-        detail = re.search(r"WeightsUnpickler error: ([^.\n]*)", str(e))
-        raise WeightsError(f"{path}: refused: not a plain torch.save file of tensors, which is all ldm_min reads "
-                           f"from a pickle ({detail[1] if detail else reason(e)})") from None
-    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+        refusal = re.search(r"WeightsUnpickler error: ([^.\n]*)", str(e))  # the object it would not build
+        if refusal:
+            raise WeightsError(f"{path}: refused: it holds more than tensors ({refusal[1]}), and building that could "
+                               f"run code; ldm_min reads pickles with torch.load(weights_only=True) only") from None
+        raise WeightsError(f"{path}: not a torch.save file, or a damaged one ({reason(e).split('. ')[0]})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise WeightsError(f"{path}: not a state dict (tensor name -> tensor): is this {ADM_FAMILY}?")
     return state
 

@@ -43,7 +43,8 @@ class ResBlock(nn.Module):
         self.in_layers = nn.Sequential(GroupNorm32(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * cout))  # a scale and a shift
         # out_layers.2 was a dropout layer in training; Identity keeps the indices of the file's names.
-        self.out_layers = nn.Sequential(GroupNorm32(cout), nn.SiLU(), nn.Identity(), nn.Conv2d(cout, cout, 3, padding=1))
+        self.out_layers = nn.Sequential(GroupNorm32(cout), nn.SiLU(), nn.Identity(),
+                                        nn.Conv2d(cout, cout, 3, padding=1))
         self.skip_connection = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
         self.resample = resample
 
@@ -55,7 +56,7 @@ class ResBlock(nn.Module):
         h = conv(h)
         scale, shift = self.emb_layers(emb)[:, :, None, None].chunk(2, dim=1)
         h = self.out_layers[0](h) * (1 + scale) + shift
-        return self.skip_connection(x) + self.out_layers[3](F.silu(h))
+        return self.skip_connection(x) + self.out_layers[1:](h)
 
 
 class AttentionBlock(nn.Module):
