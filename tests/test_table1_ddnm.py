@@ -71,8 +71,8 @@ def test_ddnm_writes_beside_ours_with_both_settings_kept(both):
     assert settings["ddnm"]["steps"] == 1 and settings["ddnm"]["travel_length"] == DdnmOptions().travel_length
 
 
-@pytest.mark.parametrize("n, seed", [(0, 0), (1, 1)])  # one hole size: job k = n, seed 0 + k as for ours
-def test_a_ddnm_result_is_inpaint_ddnm_of_the_saved_crop_and_mask_with_the_jobs_seed(both, ddnm_adm, n, seed):
+def test_a_ddnm_result_is_inpaint_ddnm_of_the_saved_crop_and_mask_with_the_jobs_seed(both, ddnm_adm):
+    n, seed = 1, 1  # one hole size: job k = n, seed 0 + k, as for ours
     crop = next((both / "crops").glob(f"{n:04d}_*.png"))
     x, hole = images.prepare(Image.open(crop), Image.open(both / "masks" / "hole168.png"))
     expected = ddnm.inpaint_ddnm(x, hole, load_adm(ddnm_adm, "cpu", "float32"), DdnmOptions(steps=1, seed=seed))
