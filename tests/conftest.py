@@ -164,13 +164,11 @@ def randomize():
 
     def fill(module, seed):
         generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, tensor in module.state_dict().items():
-                noise = torch.randn(tensor.shape, generator=generator)
-                if tensor.dim() > 1:
-                    tensor.copy_(noise / tensor[0].numel() ** 0.5)
-                else:  # the ADM's only 1-d weights are GroupNorm scales
-                    tensor.copy_(0.1 * noise + name.endswith(".weight"))
+        for name, tensor in module.state_dict().items():  # detached views of the module's tensors
+            if tensor.dim() > 1:
+                tensor.normal_(0, tensor[0].numel() ** -0.5, generator=generator)
+            else:  # the ADM's only 1-d weights are GroupNorm scales
+                tensor.normal_(float(name.endswith(".weight")), 0.1, generator=generator)
         return module
     return fill
 

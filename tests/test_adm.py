@@ -55,8 +55,8 @@ def outputs(model, size, dtype=torch.float32):
 def assert_parity(ours, theirs):
     """Equal as far as float32 rounding lets two codes that sum in different orders be (attention:
     one product scaled by 1/sqrt(d), against q and k scaled by d^(-1/4) each). Measured, as a
-    fraction of the largest output: 0 on the reduced layout, 6e-7 (1.5e-6 with oneDNN held to AVX2)
-    on the full one. The bound is over 60 times that; a wrong computation is off by the whole."""
+    fraction of the largest output: 0 on the reduced layout, 6e-7 (1.8e-6 with oneDNN held to AVX2)
+    on the full one. The bound is over 50 times that; a wrong computation is off by the whole."""
     assert ours.shape == theirs.shape
     assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
 
@@ -70,7 +70,7 @@ def test_reduced_layout_matches_guided_diffusion(tmp_path, randomize):
 
 def test_full_uncond_layout_matches_guided_diffusion(tmp_path, randomize):
     """The full 552M-parameter model, at 32 px (1 px at its lowest level): 2.2 GB of weights drawn,
-    written and read, 20 s to a minute on one core."""
+    written and read, 20 to 40 s on one core."""
     theirs = randomize(guided_diffusion_model(UNCOND_FLAGS), 0)
     expected = outputs(theirs, 32)
     torch.save(theirs.state_dict(), tmp_path / "uncond.pt")
