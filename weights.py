@@ -472,10 +472,10 @@ def adm_state(path):
 
 
 def adm_config(shapes, path):
-    """The ADM's layout (see `ADM`), read from its tensors' shapes (name -> shape). Each level holds
-    `num_res_blocks` ResBlocks on the way down (input_blocks.1 onwards, each but the lowest level's
-    followed by a downsampling ResBlock) and one more on the way up, where the last of each level
-    but the top one is followed by an upsampling ResBlock: the first such marks the count."""
+    """The ADM's layout (see `ADM`), read from its tensors' shapes (name -> shape). The way up has
+    num_res_blocks + 1 numbered steps a level, the last of each level but the top one ending in an
+    upsampling ResBlock (output_blocks.K.1 or .2): the first such K is num_res_blocks. Each level's
+    width and attention are those of its first step on the way down."""
     def size(name, dim=0):
         if len(shapes.get(name, ())) <= dim:
             raise WeightsError(f"{path}: not {ADM_FAMILY}: no tensor {name} of {dim + 1} dimensions or more")
@@ -487,7 +487,8 @@ def adm_config(shapes, path):
     steps = {int(m[1]) for m in map(re.compile(r"output_blocks\.(\d+)\.").match, shapes) if m}
     ups = [k for k in sorted(steps) if any(f"output_blocks.{k}.{m}.in_layers.0.weight" in shapes for m in (1, 2))]
     n = ups[0] if ups else len(steps) - 1
-    first = [1 + level * (n + 1) for level in range(len(steps) // (n + 1))] if steps else []  # each level's first
+    levels = len(steps) // (n + 1) if steps else 0
+    first = [1 + level * (n + 1) for level in range(levels)]  # each level's first step on the way down
     cfg = {"in_channels": size("input_blocks.0.0.weight", 1), "out_channels": size("out.2.weight"),
            "model_channels": size("time_embed.0.weight", 1), "num_res_blocks": n,
            "widths": [size(f"input_blocks.{k}.0.out_layers.3.weight") for k in first],

@@ -5,12 +5,15 @@ Read from openai/guided-diffusion's unet.py and nn.py. Every width, depth and at
 from the checkpoint's own tensors (`weights.adm_config`); the same code builds the full model and
 the small test checkpoints. Attribute names are the file's tensor names (input_blocks.N.M,
 in_layers, emb_layers, out_layers, qkv ...), so its state dict loads as it is.
+
+In half precision every layer runs in the model's dtype but the GroupNorms, which compute in float32
+as guided-diffusion's do (its --use_fp16 keeps the timestep MLPs and the output layers in float32 too).
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import timestep_embedding
+from .layers import timestep_embedding  # guided-diffusion's nn.timestep_embedding: the same, cos half first
 
 # The flags of the 256x256 models (guided-diffusion's README): --num_head_channels 64, and their
 # training schedule, --noise_schedule linear --diffusion_steps 1000: beta from 1e-4 to 0.02
