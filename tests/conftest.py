@@ -183,20 +183,3 @@ def tiny_adm(tmp_path_factory, randomize):
     path = tmp_path_factory.mktemp("adm") / "tiny_adm.pt"
     torch.save(randomize(ADM(TINY_ADM), 0).state_dict(), path)
     return path
-
-
-# DDNM samples 256 px windows, where TINY_ADM's attention at 128 and 64 px makes a call last about
-# 50 s on one core: DDNM's tests take this layout, attention at 32 px only (about 0.6 s a call).
-DDNM_ADM = {**TINY_ADM, "widths": [32, 32, 64, 64], "num_res_blocks": 1, "attention_levels": [3]}
-
-
-@pytest.fixture(scope="session")
-def ddnm_adm(tmp_path_factory, randomize):
-    """A reduced random ADM in DDNM_ADM's layout, saved as the official file is."""
-    import torch
-
-    from ldm_min.adm import ADM
-
-    path = tmp_path_factory.mktemp("ddnm_adm") / "ddnm_adm.pt"
-    torch.save(randomize(ADM(DDNM_ADM), 1).state_dict(), path)
-    return path

@@ -25,11 +25,11 @@ def photo(tmp_path_factory):
 
 
 @pytest.fixture
-def run(capsys, device, ddnm_adm):
+def run(capsys, device, tiny_adm):
     """inpaint.py --method ddnm in this process, 2 steps, on the test device in float32; returns (status, stderr)."""
     def call(*args):
         try:
-            inpaint.run(["--method", "ddnm", "--adm-weights", str(ddnm_adm), "--steps", "2", "--device", device,
+            inpaint.run(["--method", "ddnm", "--adm-weights", str(tiny_adm), "--steps", "2", "--device", device,
                          "--dtype", "float32", *map(str, args)])
             status = 0
         except SystemExit as e:
@@ -53,12 +53,12 @@ def test_the_known_pixels_of_the_written_result_are_the_inputs_exactly(run, phot
     assert "4 UNet calls (4 with every window sampled)" in err and f"{device} float32" in err
 
 
-def test_the_file_is_the_apis_inpaint_ddnm_with_the_same_seed(run, photo, tmp_path, ddnm_adm, device):
+def test_the_file_is_the_apis_inpaint_ddnm_with_the_same_seed(run, photo, tmp_path, tiny_adm, device):
     image, mask = photo
     status, err = run(image, mask, "-o", tmp_path / "out.png", "--seed", "5")
     assert status == 0, err
     x, hole = images.prepare(Image.open(image), Image.open(mask))
-    expected = ddnm.inpaint_ddnm(x, hole, load_adm(ddnm_adm, "cpu", "float32"), DdnmOptions(steps=2, seed=5))
+    expected = ddnm.inpaint_ddnm(x, hole, load_adm(tiny_adm, "cpu", "float32"), DdnmOptions(steps=2, seed=5))
     difference = np.abs(pixels(tmp_path / "out.png") - np.asarray(images.to_pil(expected.cpu()), np.int16))
     assert difference.max() <= (0 if device == "cpu" else 2)  # on a GPU: the CPU's picture within float error
 
@@ -123,9 +123,9 @@ def test_an_image_under_256_pixels_is_refused_before_the_weights_load(capsys, tm
     assert not (tmp_path / "out.png").exists()
 
 
-def test_the_seed_gives_the_cpus_picture_on_the_test_device(photo, ddnm_adm, device):
+def test_the_seed_gives_the_cpus_picture_on_the_test_device(photo, tiny_adm, device):
     x, hole = images.prepare(*map(Image.open, photo))
-    on = lambda where: ddnm.inpaint_ddnm(x, hole, load_adm(ddnm_adm, where, "float32"), DdnmOptions(steps=2)).cpu()
+    on = lambda where: ddnm.inpaint_ddnm(x, hole, load_adm(tiny_adm, where, "float32"), DdnmOptions(steps=2)).cpu()
     cpu = on("cpu")
     other = cpu if device == "cpu" else on(device)
     grey = np.abs(np.asarray(images.to_pil(other), np.int16) - np.asarray(images.to_pil(cpu), np.int16))

@@ -38,11 +38,11 @@ def sheet_size(ns, cols, rows, panel):
 
 
 @pytest.fixture(scope="module")
-def ns(ddnm_adm):
+def ns(tiny_adm):
     with pytest.MonkeyPatch.context() as monkeypatch:
         # 5 steps instead of the paper's 30, to stay fast on a busy CPU: fewer than SHOW_STEPS (6),
         # so the step strip has one column per step. DDNM, on a reduced random ADM: 2 steps, 2 calls.
-        monkeypatch.setenv("LDM_MIN_ADM_WEIGHTS", str(ddnm_adm))
+        monkeypatch.setenv("LDM_MIN_ADM_WEIGHTS", str(tiny_adm))
         return run_cells(cells("code"), ROOT, monkeypatch, settings={"STEPS": 5, "DDNM_STEPS": 2})
 
 

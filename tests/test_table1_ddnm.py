@@ -1,5 +1,5 @@
 """benchmarks/table1.py --method ddnm: DDNM on the same crops, masks and seeds as ours, beside ours
-in the same OUT, resumable and under torchrun, on a reduced random ADM (conftest's `ddnm_adm`)."""
+in the same OUT, resumable and under torchrun, on a reduced random ADM (conftest's `tiny_adm`)."""
 import json
 import os
 import shutil
@@ -35,9 +35,9 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ddnm_args(ddnm_adm):
+def ddnm_args(tiny_adm):
     """1 step: one UNet call a window, 4 windows a picture (Table 1's holes)."""
-    return ["--method", "ddnm", "--adm-weights", str(ddnm_adm), "--steps", "1", *COMMON]
+    return ["--method", "ddnm", "--adm-weights", str(tiny_adm), "--steps", "1", *COMMON]
 
 
 def harness(capsys, data, out, *args):
@@ -71,11 +71,11 @@ def test_ddnm_writes_beside_ours_with_both_settings_kept(both):
     assert settings["ddnm"]["steps"] == 1 and settings["ddnm"]["travel_length"] == DdnmOptions().travel_length
 
 
-def test_a_ddnm_result_is_inpaint_ddnm_of_the_saved_crop_and_mask_with_the_jobs_seed(both, ddnm_adm):
+def test_a_ddnm_result_is_inpaint_ddnm_of_the_saved_crop_and_mask_with_the_jobs_seed(both, tiny_adm):
     n, seed = 1, 1  # one hole size: job k = n, seed 0 + k, as for ours
     crop = next((both / "crops").glob(f"{n:04d}_*.png"))
     x, hole = images.prepare(Image.open(crop), Image.open(both / "masks" / "hole168.png"))
-    expected = ddnm.inpaint_ddnm(x, hole, load_adm(ddnm_adm, "cpu", "float32"), DdnmOptions(steps=1, seed=seed))
+    expected = ddnm.inpaint_ddnm(x, hole, load_adm(tiny_adm, "cpu", "float32"), DdnmOptions(steps=1, seed=seed))
     result = np.asarray(Image.open(both / "inpainted" / "ddnm" / "hole168" / crop.name))
     assert np.array_equal(result, np.asarray(images.to_pil(expected)))
     known = ~(hole[0, 0].numpy().astype(bool))
