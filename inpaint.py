@@ -5,6 +5,7 @@
     python inpaint.py photos/ masks/ -o done/                  # each photo with the mask of its name
     python inpaint.py photos/ masks/ -o done/ --batch 8        # up to 8 photos of one size per UNet call
     torchrun --nproc_per_node=4 inpaint.py photos/ mask.png -o done/   # one mask for all, 4 processes
+    python inpaint.py photo.png mask.png --method ddnm --adm-weights 256x256_diffusion_uncond.pt  # the baseline
 """
 import argparse
 import sys
@@ -33,12 +34,17 @@ def batch_size(text):
     return int(text)
 
 
+METHODS = ("paper", "ddnm")  # the paper's Algorithm 1; DDNM, its baseline (ldm_min/ddnm.py)
+UNSET = object()  # an option not given: each method's own options are refused with the other method
+
+
 def parse_args(argv):
     from ldm_min import Options
     from ldm_min.images import LATENT_MASK_RULES
+    from ldm_min.options import DdnmOptions
     from ldm_min.region import FULL_UP_TO, MODEL_SIDE, REGIONS
 
-    default = Options()  # the paper's settings, defined there only
+    default, ddnm_default = Options(), DdnmOptions()  # each method's settings, defined there only
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image", help="the picture to complete (any format Pillow reads), or a folder of them")
     p.add_argument("mask", help="same size as IMAGE; white (>= 128) marks the pixels to paint. With a folder of "
@@ -48,59 +54,93 @@ def parse_args(argv):
                                           "images, the output folder (default: <folder name>_inpainted here)")
     p.add_argument("--overwrite", action="store_true",
                    help="with a folder of images: redo the images whose output is there (default: skip them)")
-    p.add_argument("--batch", type=batch_size, default=1, metavar="N",
-                   help="with a folder of images: inpaint up to N images of one size together, through each UNet "
-                        "call (default %(default)s); each result is the single run's, up to float rounding")
-    p.add_argument("--prompt", default=default.prompt,
-                   help="text to steer the fill (default: none, as in the paper); auto: a BLIP caption of the "
-                        "masked image, printed first")
-    p.add_argument("--captioner", help="with --prompt auto: a BLIP captioner's folder or hub repo id "
-                                       "(default: Salesforce/blip-image-captioning-large)")
-    p.add_argument("--steps", type=int, default=default.steps, help="DDIM steps T (default %(default)s)")
-    p.add_argument("--eta", type=float, default=default.eta,
-                   help="DDIM eta, from 0 (deterministic) to 1 (DDPM) (default %(default)s)")
-    p.add_argument("--guidance", type=float, default=default.guidance,
-                   help="classifier-free guidance scale, with --prompt (default %(default)s)")
+    p.add_argument("--method", choices=METHODS, default="paper",
+                   help="paper: the paper's Algorithm 1 on Stable Diffusion v1.4; ddnm: DDNM, the paper's baseline, "
+                        "on guided-diffusion's 256 px ImageNet model as DDNM's hq demo runs it (default %(default)s)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"T: DDIM steps, or DDNM's respaced steps (default {default.steps}, the paper's; "
+                        f"{ddnm_default.steps} with --method ddnm, the paper's for DDNM)")
     p.add_argument("--seed", type=int, default=default.seed, help="random seed (default %(default)s)")
-    p.add_argument("--mask-dilate", dest="dilate", type=int, default=default.dilate,
-                   help="grow the latent hole by this many latent pixels (default %(default)s)")
-    p.add_argument("--latent-mask", choices=LATENT_MASK_RULES, default=default.latent_mask,
-                   help="how the hole reaches the 8x smaller latent: nearest, the paper's, samples one pixel "
-                        "per 8x8 cell and can miss thin strokes; cover takes every cell the hole touches "
-                        "(default %(default)s)")
-    p.add_argument("--region", choices=REGIONS, default=default.region,
-                   help=f"auto: an image over {FULL_UP_TO} px a side is inpainted in a crop around the hole, at the "
-                        f"model's {MODEL_SIDE} px scale, and every other pixel is kept; full: the whole image, as in "
-                        f"the paper (default %(default)s)")
-    p.add_argument("--region-margin", type=int, default=default.region_margin,
-                   help="with --region auto: pixels of context around the hole, at the model's scale "
-                        "(default %(default)s)")
     p.add_argument("--invert-mask", action="store_true", help="black marks the pixels to paint")
-    p.add_argument("--paste-back", action="store_true", help="put the original known pixels back over the result")
-    p.add_argument("--feather", type=int, default=default.feather,
-                   help="with --paste-back: blend over this many pixels (default %(default)s)")
-    add_model_options(p)
+    paper = p.add_argument_group("the paper's method only (--method paper)")
+    paper.add_argument("--batch", type=batch_size, default=1, metavar="N",
+                       help="with a folder of images: inpaint up to N images of one size together, through each "
+                            "UNet call (default %(default)s); each result is the single run's, up to float rounding")
+    paper.add_argument("--prompt", default=default.prompt,
+                       help="text to steer the fill (default: none, as in the paper); auto: a BLIP caption of the "
+                            "masked image, printed first")
+    paper.add_argument("--captioner", help="with --prompt auto: a BLIP captioner's folder or hub repo id "
+                                           "(default: Salesforce/blip-image-captioning-large)")
+    paper.add_argument("--eta", type=float, default=default.eta,
+                       help="DDIM eta, from 0 (deterministic) to 1 (DDPM) (default %(default)s)")
+    paper.add_argument("--guidance", type=float, default=default.guidance,
+                       help="classifier-free guidance scale, with --prompt (default %(default)s)")
+    paper.add_argument("--mask-dilate", dest="dilate", type=int, default=default.dilate,
+                       help="grow the latent hole by this many latent pixels (default %(default)s)")
+    paper.add_argument("--latent-mask", choices=LATENT_MASK_RULES, default=default.latent_mask,
+                       help="how the hole reaches the 8x smaller latent: nearest, the paper's, samples one pixel "
+                            "per 8x8 cell and can miss thin strokes; cover takes every cell the hole touches "
+                            "(default %(default)s)")
+    paper.add_argument("--region", choices=REGIONS, default=default.region,
+                       help=f"auto: an image over {FULL_UP_TO} px a side is inpainted in a crop around the hole, at "
+                            f"the model's {MODEL_SIDE} px scale, and every other pixel is kept; full: the whole image, "
+                            f"as in the paper (default %(default)s)")
+    paper.add_argument("--region-margin", type=int, default=default.region_margin,
+                       help="with --region auto: pixels of context around the hole, at the model's scale "
+                            "(default %(default)s)")
+    paper.add_argument("--paste-back", action="store_true",
+                       help="put the original known pixels back over the result")
+    paper.add_argument("--feather", type=int, default=default.feather,
+                       help="with --paste-back: blend over this many pixels (default %(default)s)")
+    add_model_options(p, paper)
+    ddnm = p.add_argument_group("DDNM only (--method ddnm)")
+    ddnm.add_argument("--adm-weights", metavar="FILE",
+                      help="guided-diffusion's 256x256_diffusion_uncond.pt (a torch.save of its state dict, read "
+                           "without running any of its code) or a .safetensors copy; needed with --method ddnm")
+    ddnm.add_argument("--travel-length", type=int, default=ddnm_default.travel_length,
+                      help="time travel: jump back this many steps (default %(default)s, hq demo's)")
+    ddnm.add_argument("--travel-repeat", type=int, default=ddnm_default.travel_repeat,
+                      help="time travel: walk each stretch this many times in all (default %(default)s, hq demo's)")
     p.add_argument("--quiet", action="store_true", help="print errors only")
-    return p.parse_args(argv)
+    # Each group's options start UNSET, so that one given with the other method is refused.
+    groups = {"paper": paper._group_actions, "ddnm": ddnm._group_actions}
+    args = p.parse_args(argv, argparse.Namespace(**{a.dest: UNSET for g in groups.values() for a in g}))
+    for method, actions in groups.items():
+        for action in actions:
+            if getattr(args, action.dest) is UNSET:
+                setattr(args, action.dest, action.default)
+            elif method != args.method:
+                p.error(f"{action.option_strings[-1]} means nothing with --method {args.method}")
+    if args.method == "ddnm" and not args.adm_weights:
+        p.error("--method ddnm needs --adm-weights FILE, guided-diffusion's 256x256_diffusion_uncond.pt")
+    if args.steps is None:
+        args.steps = (ddnm_default if args.method == "ddnm" else default).steps
+    return args
 
 
-def add_model_options(p):
-    """The options that say which models to load, and where: this command's and app.py's."""
-    p.add_argument("--weights", help="local folder, hub repo id or single .safetensors file (default: "
-                                     "$LDM_MIN_WEIGHTS, else CompVis/stable-diffusion-v1-4)")
-    p.add_argument("--tokenizer", help="CLIP tokenizer, a folder or hub repo id, for a single-file --weights "
-                                       "(default: CompVis/stable-diffusion-v1-4's, else openai/clip-vit-large-patch14)")
+def add_model_options(p, paper=None):
+    """The options that say which models to load, and where: this command's and app.py's. `paper`:
+    the group of the Stable Diffusion checkpoint's own options (default: p)."""
+    paper = paper or p
+    paper.add_argument("--weights", help="local folder, hub repo id or single .safetensors file (default: "
+                                         "$LDM_MIN_WEIGHTS, else CompVis/stable-diffusion-v1-4)")
+    paper.add_argument("--tokenizer", help="CLIP tokenizer, a folder or hub repo id, for a single-file --weights "
+                                           "(default: CompVis/stable-diffusion-v1-4's, else "
+                                           "openai/clip-vit-large-patch14)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: cuda when available)")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 "
                                                    "(auto: float16 on cuda, float32 on cpu)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off on CUDA)")
+    paper.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off on CUDA)")
 
 
 def options_of(args):
-    """The run's `Options` from the parsed arguments: an out-of-range value is refused here."""
+    """The run's `Options` (`DdnmOptions` with --method ddnm) from the parsed arguments: an
+    out-of-range value is refused here."""
     from ldm_min import Options
+    from ldm_min.options import DdnmOptions
 
-    return Options(**{field.name: getattr(args, field.name) for field in fields(Options)})
+    kind = DdnmOptions if args.method == "ddnm" else Options
+    return kind(**{field.name: getattr(args, field.name) for field in fields(kind)})
 
 
 def output_path(args):
@@ -117,8 +157,8 @@ def output_path(args):
     return out
 
 
-def progress(steps, quiet):
-    """A callback for sample(): a one-line progress bar on stderr."""
+def progress(steps, quiet, unit="step"):
+    """A callback for sample() (or inpaint_ddnm(), counting its UNet calls): a one-line progress bar on stderr."""
     start = time.perf_counter()
 
     def show(i, *_):
@@ -128,7 +168,7 @@ def progress(steps, quiet):
         per_step = (time.perf_counter() - start) / done
         bar = "#" * (20 * done // steps)
         end = "\n" if done == steps else ""
-        print(f"\rstep {done}/{steps} [{bar:<20}] {per_step:.2f} s/step", end=end, file=sys.stderr, flush=True)
+        print(f"\r{unit} {done}/{steps} [{bar:<20}] {per_step:.2f} s/{unit}", end=end, file=sys.stderr, flush=True)
 
     return show
 
@@ -153,7 +193,6 @@ def main(argv=None):
     from ldm_min import images, region
     from jobs import save_atomically
     from ldm_min.sample import inpaint_tensors
-    from weights import load_models
 
     if args.quiet:
         warnings.simplefilter("ignore")
@@ -166,10 +205,12 @@ def main(argv=None):
         return batch(args, options)
     out = output_path(args)
     x, hole = images.prepare(images.open_image(args.image), images.open_image(args.mask, "mask"), options.invert_mask)
+    if args.method == "ddnm":
+        return ddnm_main(args, options, x, hole, out, start)
     box = region.box_for(hole, options)  # for the summary line; inpaint_tensors makes the same choice
     if options.prompt == "auto":
         options = replace(options, prompt=auto_prompt(x, hole, args))
-    models = load_models(args.weights, args.device, args.dtype, args.compile, args.tokenizer)
+    models = load_method(args)
     result = inpaint_tensors(x, hole, models, options, progress(options.steps, args.quiet))
     save_atomically(images.to_pil(result), out)
     if not args.quiet:
@@ -177,6 +218,40 @@ def main(argv=None):
         where = f"{box}, " if box else ""
         print(f"seed {options.seed}, {options.steps} steps, eta {options.eta}, {models.device.type} {dtype}, "
               f"{where}{time.perf_counter() - start:.1f} s -> {out}", file=sys.stderr)
+
+
+def ddnm_main(args, options, x, hole, out, start):
+    """main() with --method ddnm: the same checks first, output and summary line, with the UNet calls
+    counted both ways (the windows with a hole left, and all of them as the authors' fork runs them)."""
+    from jobs import save_atomically
+    from ldm_min import ddnm, images
+
+    calls, every = ddnm.unet_calls(hole, options)  # refuses an image under 256 px before the weights load
+    model = load_method(args)
+    result = ddnm.inpaint_ddnm(x, hole, model, options, progress(calls, args.quiet, "call"))
+    save_atomically(images.to_pil(result), out)
+    if not args.quiet:
+        weight = next(model.parameters())
+        print(f"DDNM, seed {options.seed}, {options.steps} steps: {calls} UNet calls ({every} with every window "
+              f"sampled), {weight.device.type} {str(weight.dtype).removeprefix('torch.')}, "
+              f"{time.perf_counter() - start:.1f} s -> {out}", file=sys.stderr)
+
+
+def load_method(args):
+    """The models of --method: Stable Diffusion's, or DDNM's ADM."""
+    from weights import load_adm, load_models
+
+    if args.method == "ddnm":
+        return load_adm(args.adm_weights, args.device, args.dtype)
+    return load_models(args.weights, args.device, args.dtype, args.compile, args.tokenizer)
+
+
+def inpaint_pictures(args, pictures, models, callback):
+    """Each (x, hole, options)'s result by --method, or the LdmMinError it failed with."""
+    from ldm_min import ddnm
+    from ldm_min.sample import inpaint_batch
+
+    return (ddnm.inpaint_pictures if args.method == "ddnm" else inpaint_batch)(pictures, models, callback)
 
 
 def batch_files(args):
@@ -222,8 +297,7 @@ def batch(args, options):
     A bad image or mask fails alone, in one line; the run ends with a count and exit status 1."""
     import jobs
     from ldm_min import InputError, LdmMinError, images
-    from ldm_min.sample import inpaint_batch
-    from weights import load_models, pick_device
+    from weights import pick_device
 
     device, _ = pick_device(args.device, args.dtype)
     pairs, out = batch_files(args)
@@ -241,19 +315,21 @@ def batch(args, options):
 
         failed = {}
         prompts = {}
-        if options.prompt == "auto":  # every caption first: the captioner is freed before the SD weights load
+        # Every caption first: the captioner is freed before the SD weights load (DDNM has no prompt).
+        if getattr(options, "prompt", "") == "auto":
             for image, mask in mine:
                 try:
                     prompts[image] = auto_prompt(*read(image, mask), args)
                 except InputError as e:
                     failed[image] = e
-        models = load_models(args.weights, args.device, args.dtype, args.compile, args.tokenizer) if mine else None
+        models = load_method(args) if mine else None
         shown = world.rank == 0 and not args.quiet  # rank 0's progress line, jobs.mine's between batches
 
         def steps(k):
             """The per-step count, folded into the line of the images' progress."""
             def show(i, *_):
-                line = f"images {k}/{len(todo)}, step {i + 1}/{options.steps}"
+                line = f"images {k}/{len(todo)}, " + (f"call {i + 1}" if args.method == "ddnm" else
+                                                      f"step {i + 1}/{options.steps}")
                 print(f"\r{line:<{jobs.LINE}}", end="", file=sys.stderr, flush=True)
             return show if shown else None
 
@@ -268,11 +344,13 @@ def batch(args, options):
                 try:
                     if image in failed:
                         raise failed[image]
-                    pictures[image] = (*read(image, mask), replace(options, prompt=prompts.get(image, options.prompt)))
+                    own = replace(options, prompt=prompts[image]) if image in prompts else options
+                    pictures[image] = (*read(image, mask), own)
                 except LdmMinError as e:
                     report(image, e)
             before = sum(map(len, batches[:n * world.size]))  # the images of every rank's earlier rounds
-            for image, result in zip(pictures, inpaint_batch(list(pictures.values()), models, steps(before))):
+            for image, result in zip(pictures, inpaint_pictures(args, list(pictures.values()), models,
+                                                                     steps(before))):
                 if isinstance(result, LdmMinError):
                     report(image, result)
                 else:

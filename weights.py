@@ -6,6 +6,9 @@ CompVis/stable-diffusion-v1-4; the environment variable LDM_MIN_WEIGHTS override
 or one `.safetensors` file in the original CompVis layout (`sd-v1-4.safetensors` and the v1.x
 fine-tunes shared that way), whose names are mapped by the rules of `single_file_names`. Only
 safetensors files are read: pickles (.bin, .ckpt) can run code when opened.
+
+`load_adm` loads DDNM's backbone, guided-diffusion's ADM UNet, from its official file: a pickle,
+read with torch.load(weights_only=True), which builds tensors and nothing else.
 """
 import json
 import os
@@ -17,6 +20,7 @@ from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ldm_min import fast
+from ldm_min.adm import ADM, GROUPS, HEAD_CHANNELS
 from ldm_min.errors import InputError, WeightsError
 from ldm_min.models import Models
 from ldm_min.schedule import Schedule
@@ -341,14 +345,14 @@ def check_names(path, found, expected):
         raise WeightsError(f"{path}: unexpected tensor {unexpected[0]} ({len(unexpected)} unexpected in all)")
 
 
-def load_into(module, state, path, device, dtype):
+def load_into(module, state, path, device, dtype, family="a Stable Diffusion v1.x checkpoint"):
     """Strict load: every tensor present with its exact shape, nothing left over; cast once."""
     expected = module.state_dict()
     check_names(path, state.keys(), expected.keys())
     for name, tensor in expected.items():
         if state[name].shape != tensor.shape:
             raise WeightsError(f"{path}: tensor {name} has shape {list(state[name].shape)}, expected "
-                               f"{list(tensor.shape)}: is this a Stable Diffusion v1.x checkpoint?")
+                               f"{list(tensor.shape)}: is this {family}?")
     for name in list(state):  # one tensor at a time: the mapped file is never copied whole
         # Always a copy, even where the dtype and device already match: a tensor left on the mapping
         # keeps file pages in memory beside any copy a speed-up makes (float32 packed convolutions
@@ -424,17 +428,88 @@ def find_tokenizer(name):
                        f"vocab.json and merges.txt (e.g. the tokenizer/ folder of a Stable Diffusion checkpoint)")
 
 
+def exact_float32(device, dtype):
+    """float32 as asked, so a seed gives the CPU's picture: PyTorch lets cuDNN's convolutions round
+    their inputs to TF32 by default, a 10-bit mantissa where float32 has 23."""
+    if device.type == "cuda" and dtype == torch.float32:
+        torch.backends.cudnn.allow_tf32 = False
+
+
 def assemble(modules, tokenizer, configs, device, dtype, compile=False):
     """Loaded modules as one `Models` bundle, sped up (`ldm_min/fast.py`)."""
     # CLIPTextModel's position_ids is a non-persistent buffer: not in the file, still on `meta`.
     embeddings = modules["text_encoder"].embeddings
     embeddings.position_ids = torch.arange(embeddings.position_ids.shape[1], device=device)[None]
-    if device.type == "cuda" and dtype == torch.float32:
-        # float32 as asked, so a seed gives the CPU's picture: PyTorch lets cuDNN's convolutions round
-        # their inputs to TF32 by default, a 10-bit mantissa where float32 has 23.
-        torch.backends.cudnn.allow_tf32 = False
+    exact_float32(device, dtype)
     models = Models(**modules, tokenizer=tokenizer, schedule=Schedule(configs["scheduler"]), device=device, dtype=dtype)
     return fast.speed_up(models, compile)
+
+
+# guided-diffusion's ADM UNet, DDNM's backbone (ldm_min/adm.py). Its official files are torch.save
+# pickles of the state dict: read with torch.load(weights_only=True), which refuses any object but
+# tensors and plain containers, so the file cannot run code. A .safetensors copy of it loads too.
+ADM_FAMILY = "a guided-diffusion ADM checkpoint (such as 256x256_diffusion_uncond.pt)"
+
+
+def adm_state(path):
+    """name -> tensor of the ADM checkpoint at `path`: a .safetensors file, or else a pickle read
+    with torch.load(weights_only=True) only."""
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        return read_state(path, {name: name for name in file_shapes(path)})
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a refused object, a damaged or foreign file: several exception types
+        refusal = re.search(r"WeightsUnpickler error: ([^.\n]*)", str(e))  # the object it would not build
+        if refusal:
+            raise WeightsError(f"{path}: refused: it holds more than tensors ({refusal[1]}), and building that could "
+                               f"run code; ldm_min reads pickles with torch.load(weights_only=True) only") from None
+        raise WeightsError(f"{path}: not a torch.save file, or a damaged one ({reason(e).split('. ')[0]})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise WeightsError(f"{path}: not a state dict (tensor name -> tensor): is this {ADM_FAMILY}?")
+    return state
+
+
+def adm_config(shapes, path):
+    """The ADM's layout (see `ADM`), read from its tensors' shapes (name -> shape). The way up has
+    num_res_blocks + 1 numbered steps a level, the last of each level but the top one ending in an
+    upsampling ResBlock (output_blocks.K.1 or .2): the first such K is num_res_blocks. Each level's
+    width and attention are those of its first step on the way down."""
+    def size(name, dim=0):
+        if len(shapes.get(name, ())) <= dim:
+            raise WeightsError(f"{path}: not {ADM_FAMILY}: no tensor {name} of {dim + 1} dimensions or more")
+        return shapes[name][dim]
+
+    if "label_emb.weight" in shapes:
+        raise WeightsError(f"{path}: a class-conditional ADM (label_emb.weight); DDNM's backbone is the unconditional "
+                           f"one, 256x256_diffusion_uncond.pt")
+    steps = {int(m[1]) for m in map(re.compile(r"output_blocks\.(\d+)\.").match, shapes) if m}
+    ups = [k for k in sorted(steps) if any(f"output_blocks.{k}.{m}.in_layers.0.weight" in shapes for m in (1, 2))]
+    n = ups[0] if ups else len(steps) - 1
+    levels = len(steps) // (n + 1) if steps else 0
+    first = [1 + level * (n + 1) for level in range(levels)]  # each level's first step on the way down
+    cfg = {"in_channels": size("input_blocks.0.0.weight", 1), "out_channels": size("out.2.weight"),
+           "model_channels": size("time_embed.0.weight", 1), "num_res_blocks": n,
+           "widths": [size(f"input_blocks.{k}.0.out_layers.3.weight") for k in first],
+           "attention_levels": [i for i, k in enumerate(first) if f"input_blocks.{k}.1.qkv.weight" in shapes]}
+    odd = [w for i, w in enumerate(cfg["widths"]) if w % GROUPS or (i in cfg["attention_levels"] and w % HEAD_CHANNELS)]
+    if not cfg["widths"] or odd:
+        raise WeightsError(f"{path}: not {ADM_FAMILY}: level widths {cfg['widths']}, each a multiple of {GROUPS} "
+                           f"(GroupNorm's groups) and of {HEAD_CHANNELS} where there is attention")
+    return cfg
+
+
+def load_adm(path, device="auto", dtype="auto"):
+    """guided-diffusion's ADM UNet from `path` (the official .pt, or a .safetensors copy): its layout
+    read from the file's tensors, loaded strictly, on `device` in `dtype` (see `pick_device`)."""
+    device, dtype = pick_device(device, dtype)
+    path = Path(path).expanduser()
+    state = adm_state(path)
+    with torch.device("meta"):
+        model = ADM(adm_config({name: list(tensor.shape) for name, tensor in state.items()}, path))
+    exact_float32(device, dtype)
+    return load_into(model, state, path, device, dtype, ADM_FAMILY)
 
 
 # The captioner of `--prompt auto`: BLIP, the captioner of the paper's Table 1 ("+ BLIP caption").

@@ -3,6 +3,8 @@
     python benchmarks/table1.py --data BSDS500/images/test --dataset bsds500 --out runs/bsds500
     torchrun --nproc_per_node=8 benchmarks/table1.py --data imagenet/val --list imagenet-1k.txt \\
         --dataset imagenet --out runs/imagenet
+    python benchmarks/table1.py --data BSDS500/images/test --dataset bsds500 --out runs/bsds500 \\
+        --method ddnm --adm-weights 256x256_diffusion_uncond.pt     # the baseline, beside ours
 
 Each image (found recursively under --data, or the ones --list names) is resized so that its short
 side is 512 pixels (Pillow's bicubic filter, which antialiases when it shrinks) and centre-cropped to
@@ -20,6 +22,10 @@ caption), the results in inpainted/KIND/holeS/. Job k, numbered image by image
 and, within an image, in the order of --masks (k = n * len(masks) + j for image NNNN = n and the j-th
 size), uses seed `--seed + k`: the result does not depend on how many processes ran it. Every file is
 written atomically and a rerun skips the files already there.
+
+With --method ddnm, DDNM (the paper's baseline, `ldm_min.ddnm`, hq demo's settings with T = 25)
+inpaints the same crops with the same masks and seeds into inpainted/ddnm/holeS/, in the same OUT:
+the table then has both measured rows beside the paper's.
 """
 import argparse
 import hashlib
@@ -42,9 +48,11 @@ import inpaint as cli  # noqa: E402
 import jobs  # noqa: E402
 import weights  # noqa: E402
 from ldm_min import InputError, Options, WeightsError, images  # noqa: E402
+from ldm_min import ddnm  # noqa: E402
 from ldm_min.caption import caption_tensors  # noqa: E402
+from ldm_min.options import DdnmOptions  # noqa: E402
 from ldm_min.sample import inpaint_batch  # noqa: E402
-from weights import DEFAULT_CAPTIONER, DEFAULT_REPO, load_models, pick_device  # noqa: E402
+from weights import DEFAULT_CAPTIONER, DEFAULT_REPO, load_adm, load_models, pick_device  # noqa: E402
 
 SIDE = 512  # the crop, the model's native size
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -92,12 +100,18 @@ def parse_args(argv):
     p.add_argument("--dataset", choices=DATASET_NAMES, default="other",
                    help="which of the paper's sets this is, for its numbers beside ours (default %(default)s)")
     p.add_argument("--out", required=True, help="output folder; a rerun with the same settings resumes it")
+    p.add_argument("--method", choices=cli.METHODS, default="paper",
+                   help="paper: the paper's method; ddnm: DDNM, its baseline, into inpainted/ddnm/ "
+                        "(default %(default)s)")
+    p.add_argument("--adm-weights", metavar="FILE",
+                   help="with --method ddnm: guided-diffusion's 256x256_diffusion_uncond.pt (or a .safetensors copy)")
     p.add_argument("--weights", help="local folder, hub repo id or single .safetensors file (default: "
                                      f"$LDM_MIN_WEIGHTS, else {DEFAULT_REPO})")
     p.add_argument("--tokenizer", help="CLIP tokenizer (folder or hub repo id) for a single-file --weights")
     p.add_argument("--limit", type=int, help="only the first N images (sorted by path), for a quick look")
     p.add_argument("--masks", type=mask_sizes, default=[168, 136], help="hole sides in pixels (default 168,136)")
-    p.add_argument("--steps", type=int, default=Options().steps, help="DDIM steps (default %(default)s, the paper's)")
+    p.add_argument("--steps", type=int, help=f"DDIM steps (default {Options().steps}, the paper's), or DDNM's "
+                                              f"(default {DdnmOptions().steps}, the paper's for DDNM)")
     p.add_argument("--seed", type=int, default=0, help="job k uses seed SEED + k (default %(default)s)")
     p.add_argument("--batch", type=cli.batch_size, default=1, metavar="N",
                    help="inpaint N jobs together, through each UNet call (default %(default)s); each result is the "
@@ -113,6 +127,18 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         p.error(f"--limit must be at least 1, got {args.limit}")
+    # Each method's own options are refused with the other, in one line (as inpaint.py does).
+    own = {"ddnm": [("--adm-weights", args.adm_weights)],
+           "paper": [("--weights", args.weights), ("--tokenizer", args.tokenizer), ("--captioner", args.captioner),
+                    ("--prompts", args.prompts != ["none"]), ("--batch", args.batch != 1)]}
+    for method, options in own.items():
+        for flag, value in options:
+            if value and method != args.method:
+                p.error(f"{flag} means nothing with --method {args.method}")
+    if args.method == "ddnm" and not args.adm_weights:
+        p.error("--method ddnm needs --adm-weights FILE, guided-diffusion's 256x256_diffusion_uncond.pt")
+    if args.steps is None:
+        args.steps = (DdnmOptions() if args.method == "ddnm" else Options()).steps
     return args
 
 
@@ -182,13 +208,19 @@ class Layout:
 
 
 def settings_of(args, names, device, dtype):
+    """The run's settings: the protocol's (images, masks, seeds, device), then its method's own: the
+    SD weights and `Options` for the paper's method, the ADM's file and `DdnmOptions` for DDNM."""
+    settings = {"images": len(names), "images_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
+                "masks": args.masks, "seed": args.seed, "device": device.type,
+                "dtype": str(dtype).removeprefix("torch.")}
+    if args.method == "ddnm":
+        options = {k: v for k, v in asdict(DdnmOptions(steps=args.steps)).items() if k != "seed"}
+        return settings | {"ddnm": {"adm_weights": str(Path(args.adm_weights).resolve()), **options}}
     weights = args.weights or os.environ.get("LDM_MIN_WEIGHTS") or DEFAULT_REPO
     if Path(weights).exists():
         weights = str(Path(weights).resolve())
-    settings = {"images": len(names), "images_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
-                "masks": args.masks, "seed": args.seed, "weights": weights, "device": device.type,
-                "dtype": str(dtype).removeprefix("torch."),
-                "options": {k: v for k, v in asdict(Options(steps=args.steps)).items() if k != "seed"}}
+    options = {k: v for k, v in asdict(Options(steps=args.steps)).items() if k != "seed"}
+    settings |= {"weights": weights, "options": options}
     if args.prompts != ["none"]:  # absent: the prompt kinds are ["none"], and settings.json is as before captions
         captioner = str(args.captioner or DEFAULT_CAPTIONER)
         settings |= {"prompts": args.prompts, "captioner": str(Path(captioner).resolve()) if Path(captioner).is_dir()
@@ -196,13 +228,15 @@ def settings_of(args, names, device, dtype):
     return settings
 
 
-# Prompt kinds may be added to a run (each has its own files); the other settings must match.
+# Prompt kinds and methods may be added to a run (each has its own files); the other settings must match.
 ADDITIVE = ("prompts", "captioner")
+METHOD_SETTINGS = ("weights", "options", "ddnm")  # the paper's method's, DDNM's
 
 
 def check_settings(out, settings):
     """OUT holds this run's settings, or none yet. Only reads: checked before anything is written.
-    Returns the settings to keep in settings.json: the saved ones with this run's prompt kinds added."""
+    Returns the settings to keep in settings.json: the saved ones with this run's prompt kinds, or
+    its method's settings, added."""
     path = Path(out) / "settings.json"
     if not path.exists():
         return settings
@@ -210,14 +244,17 @@ def check_settings(out, settings):
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: unreadable ({e}): use another --out") from None
-    flat = lambda d: {**{k: v for k, v in d.items() if k not in ("options", *ADDITIVE)}, **d.get("options", {})}
+    flat = lambda d: {**{k: v for k, v in d.items() if k not in (*METHOD_SETTINGS, *ADDITIVE)},
+                      **{k: d[k] for k in ("weights",) if k in d}, **d.get("options", {}),
+                      **{f"ddnm {k}": v for k, v in d.get("ddnm", {}).items()}}
     for key, value in flat(settings).items():
-        if flat(saved).get(key) != value:
-            raise InputError(f"{out} holds another run's outputs (settings.json: {key} {flat(saved).get(key)!r}, here "
+        if key in flat(saved) and flat(saved)[key] != value:  # a key not there: a method new to this OUT
+            raise InputError(f"{out} holds another run's outputs (settings.json: {key} {flat(saved)[key]!r}, here "
                              f"{value!r}): use another --out, or the same settings to resume it")
     if "captioner" in saved and "captioner" in settings and saved["captioner"] != settings["captioner"]:
         raise InputError(f"{out} holds captions of another captioner (settings.json: captioner {saved['captioner']!r}, "
                          f"here {settings['captioner']!r}): use another --out, or the same --captioner")
+    saved = {**saved, **{k: settings[k] for k in METHOD_SETTINGS if k in settings and k not in saved}}
     kinds = list(saved.get("prompts", ["none"]))
     kinds += [k for k in settings.get("prompts", ["none"]) if k not in kinds]
     if kinds == saved.get("prompts", ["none"]):
@@ -305,10 +342,15 @@ def table(rows, dataset):
                "prompt": lambda r: r["prompt"], "images": lambda r: r["images"],
                "DDNM (paper)": lambda r: fmt(r["paper_ddnm"]), "proposed (paper)": lambda r: fmt(r["paper_proposed"]),
                "+ caption of the original (paper)": lambda r: fmt(r["paper_caption"]),
-               "ours": lambda r: fmt(r["fid"]), "s/image": lambda r: fmt(r["seconds_per_image"]),
+               "ours": lambda r: fmt(r["fid"]), "DDNM (measured)": lambda r: fmt(r["ddnm_fid"]),
+               "s/image": lambda r: fmt(r["seconds_per_image"]),
+               "DDNM s/image": lambda r: fmt(r["ddnm_seconds_per_image"]),
+               "DDNM UNet calls": lambda r: "{} (all windows: {})".format(*r["ddnm_unet_calls"]),
                "device": lambda r: r["device"]}
     if "prompt" not in rows[0]:  # the paper's Table 1 alone
         del columns["prompt"], columns["+ caption of the original (paper)"]
+    if "ddnm_fid" not in rows[0]:  # no DDNM run in OUT
+        del columns["DDNM (measured)"], columns["DDNM s/image"], columns["DDNM UNet calls"]
     line = lambda cells: "| " + " | ".join(map(str, cells)) + " |\n"
     return line(columns) + "|---" * len(columns) + "|\n" + "".join(line(f(r) for f in columns.values()) for r in rows)
 
@@ -364,10 +406,11 @@ def run_jobs(args, world, device, dtype, out, all_names, names):
     settings = check_settings(out, settings_of(args, all_names, device, dtype))
     inception = load_inception(device) if world.rank == 0 and not args.no_fid else None  # fail before the work
     layout = Layout(out, all_names)
+    kinds = ["ddnm"] if args.method == "ddnm" else args.prompts  # DDNM's results: inpainted/ddnm/holeS/
     if world.rank == 0:
         for folder in ["crops", "masks"]:
             (out / folder).mkdir(parents=True, exist_ok=True)
-        for kind in args.prompts:
+        for kind in kinds:
             for side in args.masks:
                 layout.result(0, side, kind).parent.mkdir(parents=True, exist_ok=True)
         saved = out / "settings.json"
@@ -386,22 +429,29 @@ def run_jobs(args, world, device, dtype, out, all_names, names):
 
     captions = make_captions(args, world, layout, names)
 
-    # The inpainting: job k = (image n, j-th hole size), seed + k, the same seed for every prompt kind.
-    cases = [(n, j, side, kind) for kind in args.prompts for n in range(len(names))
+    # The inpainting: job k = (image n, j-th hole size), seed + k, the same seed for every prompt kind and method.
+    cases = [(n, j, side, kind) for kind in kinds for n in range(len(names))
              for j, side in enumerate(args.masks)]
     todo = jobs.pending(cases, lambda case: layout.result(case[0], case[2], case[3]), world)
     seconds = []
     if todo:
-        models = load_models(args.weights, args.device, args.dtype, tokenizer=args.tokenizer)
+        if args.method == "ddnm":
+            models = load_adm(args.adm_weights, args.device, args.dtype)
+        else:
+            models = load_models(args.weights, args.device, args.dtype, tokenizer=args.tokenizer)
         for batch in jobs.mine(jobs.batches(todo, args.batch), world, "inpainting", args.quiet, size=len):
             start = time.perf_counter()
             pictures = []
             for n, j, side, kind in batch:
-                prompt = "" if kind == "none" else captions[kind, side][layout.crop(n).name]
-                options = Options(prompt=prompt, steps=args.steps, seed=args.seed + n * len(args.masks) + j)
+                seed = args.seed + n * len(args.masks) + j
+                if kind == "ddnm":
+                    options = DdnmOptions(steps=args.steps, seed=seed)
+                else:
+                    prompt = "" if kind == "none" else captions[kind, side][layout.crop(n).name]
+                    options = Options(prompt=prompt, steps=args.steps, seed=seed)
                 with Image.open(layout.crop(n)) as crop, Image.open(layout.mask(side)) as mask:
                     pictures.append((*images.prepare(crop, mask), options))
-            results = inpaint_batch(pictures, models)
+            results = (ddnm.inpaint_pictures if args.method == "ddnm" else inpaint_batch)(pictures, models)
             for (n, j, side, kind), result in zip(batch, results):
                 if not isinstance(result, Exception):
                     jobs.save_atomically(images.to_pil(result), layout.result(n, side, kind))
@@ -411,11 +461,12 @@ def run_jobs(args, world, device, dtype, out, all_names, names):
                 raise failure
     seconds = jobs.gather(seconds, world)
     if world.rank == 0:
-        report(args, out, names, layout, inception, seconds, device, dtype, world)
+        report(args, out, names, layout, inception, seconds, device, dtype, world, settings)
 
 
-def report(args, out, names, layout, inception, seconds, device, dtype, world):
-    """FID per hole size, the table on stdout, OUT/table1.md and OUT/table1.json."""
+def report(args, out, names, layout, inception, seconds, device, dtype, world, settings):
+    """FID per hole size, the table on stdout, OUT/table1.md and OUT/table1.json. A method's FID is
+    there once all its results are; DDNM's columns once OUT holds a DDNM run."""
     previous = {}
     if (out / "table1.json").exists():  # a rerun with nothing left to inpaint keeps the timings it had
         try:
@@ -428,19 +479,35 @@ def report(args, out, names, layout, inception, seconds, device, dtype, world):
         where += f" {torch.cuda.get_device_name(device)}"
     crops = [layout.crop(n) for n in range(len(names))]
     real = inception_features(inception, crops, device) if inception is not None else None
+
+    def measured(side, kind, row_kind):
+        """FID of one method's (or prompt kind's) results, their seconds per image (this run's, or
+        those the previous table has in its row of `row_kind`), and whether this run timed them."""
+        results = [layout.result(n, side, kind) for n in range(len(names))]
+        times = [s for size, k, s in seconds if size == side and k == kind]
+        score = None
+        if real is not None and len(names) >= 2 and all(map(jobs.done, results)):
+            score = fid(inception_features(inception, results, device), real)
+        key = "ddnm_seconds_per_image" if kind == "ddnm" else "seconds_per_image"
+        return score, sum(times) / len(times) if times else previous.get((side, row_kind), {}).get(key), bool(times)
+
     rows = []
     for side in args.masks:
         for kind in args.prompts:
-            results = [layout.result(n, side, kind) for n in range(len(names))]
-            times = [s for size, k, s in seconds if size == side and k == kind]
+            score, per_image, timed = measured(side, kind, kind)
             old = previous.get((side, kind), {})
-            score = None
-            if real is not None and len(names) >= 2:
-                score = fid(inception_features(inception, results, device), real)
-            ddnm, proposed = PAPER.get(args.dataset, {}).get(side, (None, None))
-            row = {"hole": side, "images": len(names), "paper_ddnm": ddnm, "paper_proposed": proposed, "fid": score,
-                   "seconds_per_image": sum(times) / len(times) if times else old.get("seconds_per_image"),
-                   "device": f"{where} x{world.size}" if times else old.get("device", where)}
+            paper_ddnm, proposed = PAPER.get(args.dataset, {}).get(side, (None, None))
+            row = {"hole": side, "images": len(names), "paper_ddnm": paper_ddnm, "paper_proposed": proposed,
+                   "fid": score, "seconds_per_image": per_image, "device": old.get("device", where)}
+            if "ddnm" in settings:  # DDNM beside ours: its FID, time and UNet calls a picture (and the fork's)
+                ddnm_score, ddnm_per_image, ddnm_timed = measured(side, "ddnm", kind)
+                hole = torch.from_numpy(np.asarray(hole_mask(side)) >= 128).float()[None, None]
+                options = DdnmOptions(**{k: v for k, v in settings["ddnm"].items() if k != "adm_weights"})
+                row |= {"ddnm_fid": ddnm_score, "ddnm_seconds_per_image": ddnm_per_image,
+                        "ddnm_unet_calls": list(ddnm.unet_calls(hole, options))}
+                timed = timed or ddnm_timed
+            if timed:
+                row["device"] = f"{where} x{world.size}"
             if args.prompts != ["none"]:  # as before captions otherwise
                 paper = PAPER_CAPTION.get(args.dataset, {}).get(side) if kind == "original" else None
                 row = {"hole": side, "prompt": kind, **row, "paper_caption": paper}
@@ -448,7 +515,8 @@ def report(args, out, names, layout, inception, seconds, device, dtype, world):
     text = table(rows, args.dataset)
     print(text, end="")
     jobs.write_text_atomically(text, out / "table1.md")
-    jobs.write_json_atomically({"dataset": args.dataset, "steps": args.steps, "rows": rows}, out / "table1.json")
+    steps = {"steps": settings.get("options", {}).get("steps"), "ddnm_steps": settings.get("ddnm", {}).get("steps")}
+    jobs.write_json_atomically({"dataset": args.dataset, **steps, "rows": rows}, out / "table1.json")
 
 
 def run(argv=None):

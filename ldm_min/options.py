@@ -43,3 +43,21 @@ class Options:
             raise InputError(f"region must be auto or full, got {self.region!r}")
         if not 0 <= self.region_margin < MODEL_SIDE // 2:
             raise InputError(f"region margin must be between 0 and {MODEL_SIDE // 2 - 1}, got {self.region_margin}")
+
+
+@dataclass(frozen=True)
+class DdnmOptions:
+    """The settings of a DDNM run (the paper's baseline, `ldm_min.ddnm`): DDNM's hq demo defaults
+    (wyhuai/DDNM, hq_demo/confs/inet256.yml) but for T, the paper's 25."""
+    steps: int = 25           # T, respaced steps spanning all 1000 (the paper: 25; hq demo: 100)
+    travel_length: int = 10   # time travel: back this many steps (hq demo's jump_length)
+    travel_repeat: int = 3    # ... each stretch sampled this many times in all (hq demo's jump_n_sample)
+    seed: int = 0
+    invert_mask: bool = False  # black marks the hole instead of white
+
+    def __post_init__(self):
+        if not 1 <= self.steps <= 1000:
+            raise InputError(f"steps must be between 1 and 1000, got {self.steps}")
+        for name, value in (("travel length", self.travel_length), ("travel repeat", self.travel_repeat)):
+            if value < 1:
+                raise InputError(f"{name} must be at least 1, got {value}")

@@ -145,3 +145,41 @@ def blip(tmp_path_factory):
 def blip_words(blip):
     """Every word the tiny BLIP can write."""
     return set((blip / "vocab.txt").read_text().split())
+
+
+# A reduced ADM in the layout of guided-diffusion's 256x256_diffusion_uncond.pt (ldm_min/adm.py):
+# four levels of 32, 32, 64 and 64 channels, 1 ResBlock a level, attention (one head) on the lowest
+# only, which is 32 px on DDNM's 256 px windows as in the full model (attention at 128 px would make
+# a call on such a window last about 50 s on one core; this layout's takes about 0.6 s), 6 outputs.
+TINY_ADM = {"in_channels": 3, "out_channels": 6, "model_channels": 32, "widths": [32, 32, 64, 64], "num_res_blocks": 1,
+            "attention_levels": [3]}
+
+
+@pytest.fixture(scope="session")
+def randomize():
+    """randomize(module, seed): every tensor of `module` drawn at random in place, those the original
+    code starts at zero too (each block's last convolution), at scales that keep activations of
+    order one: weights N(0, 1 / fan-in), GroupNorm scales 1 + N(0, 0.1^2), biases N(0, 0.1^2)."""
+    import torch
+
+    def fill(module, seed):
+        generator = torch.Generator().manual_seed(seed)
+        for name, tensor in module.state_dict().items():  # detached views of the module's tensors
+            if tensor.dim() > 1:
+                tensor.normal_(0, tensor[0].numel() ** -0.5, generator=generator)
+            else:  # the ADM's only 1-d weights are GroupNorm scales
+                tensor.normal_(float(name.endswith(".weight")), 0.1, generator=generator)
+        return module
+    return fill
+
+
+@pytest.fixture(scope="session")
+def tiny_adm(tmp_path_factory, randomize):
+    """A reduced random ADM (TINY_ADM) saved as the official file is: a torch.save of its state dict."""
+    import torch
+
+    from ldm_min.adm import ADM
+
+    path = tmp_path_factory.mktemp("adm") / "tiny_adm.pt"
+    torch.save(randomize(ADM(TINY_ADM), 0).state_dict(), path)
+    return path

@@ -21,6 +21,7 @@ import agreement  # noqa: E402
 import app  # noqa: E402
 import app_previews  # noqa: E402
 import bench  # noqa: E402
+import ddnm_speed  # noqa: E402
 import inpaint  # noqa: E402
 import table1  # noqa: E402
 import throughput  # noqa: E402
@@ -34,6 +35,7 @@ SCRIPTS = {"inpaint.py": (inpaint.parse_args, inpaint.options_of),
            "app.py": (app.parse_args, None),
            "benchmarks/app_previews.py": (app_previews.parse_args, None),
            "benchmarks/bench.py": (bench.parse_args, None),
+           "benchmarks/ddnm_speed.py": (ddnm_speed.parse_args, None),
            "benchmarks/versus.py": (versus.parse_args, None),
            "benchmarks/agreement.py": (agreement.parse_args, None),
            "benchmarks/table1.py": (table1.parse_args, None),

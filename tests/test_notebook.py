@@ -38,11 +38,12 @@ def sheet_size(ns, cols, rows, panel):
 
 
 @pytest.fixture(scope="module")
-def ns():
+def ns(tiny_adm):
     with pytest.MonkeyPatch.context() as monkeypatch:
         # 5 steps instead of the paper's 30, to stay fast on a busy CPU: fewer than SHOW_STEPS (6),
-        # so the step strip has one column per step.
-        return run_cells(cells("code"), ROOT, monkeypatch, settings={"STEPS": 5})
+        # so the step strip has one column per step. DDNM, on a reduced random ADM: 2 steps, 2 calls.
+        monkeypatch.setenv("LDM_MIN_ADM_WEIGHTS", str(tiny_adm))
+        return run_cells(cells("code"), ROOT, monkeypatch, settings={"STEPS": 5, "DDNM_STEPS": 2})
 
 
 def test_runs_and_draws_expected_sizes(ns):
@@ -63,6 +64,7 @@ def test_runs_and_draws_expected_sizes(ns):
         "Ey": sheet_size(ns, 3 + 4, 1, panel),  # y, D(E(y)), D(M_l E(y)), 4 latent channels
         "steps": sheet_size(ns, shown, 2, panel),
         "result": sheet_size(ns, 5, 1, panel),
+        "eq4_eq5": sheet_size(ns, 4, 2, (256, 256)),  # DDNM's 256 window: eq. 4 over eq. 5, and each result
     }
     figures = ns["figures"]
     assert set(figures) == set(expected)
@@ -79,6 +81,8 @@ def test_runs_and_draws_expected_sizes(ns):
     assert tuple(ns["x0"].shape) == (1, 3, h, w)
     assert ns["result"].size == ns["pasted"].size == (w, h)
     assert ns["inpaint_diff"] == 0
+    # Eq. 4 beside eq. 5 on the photo at 256: every DDNM call and Algorithm 1 step seen, DDNM exact where known.
+    assert len(ns["ddnm_trace"]) == 2 and len(ns["latent_trace"]) == steps and ns["ddnm_known_diff"] == 0
     assert ns["negative"] > 0  # the printed sigma_t makes a square root imaginary somewhere
     # The dilation exists because of cut cells that count as known without it.
     assert ((ns["cut"]) & (ns["M_l0"] > 0)).any() and not ((ns["cut"]) & (ns["M_l"] > 0)).any()

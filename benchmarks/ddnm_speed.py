@@ -1,0 +1,146 @@
+"""The paper's speed claim, measured: its method against DDNM on the same image and device.
+
+    python benchmarks/ddnm_speed.py                                   # CPU: reduced steps, scaled up
+    python benchmarks/ddnm_speed.py --device cuda                     # GPU: the paper's settings, run whole
+    python benchmarks/ddnm_speed.py --weights SD_FOLDER --adm-weights 256x256_diffusion_uncond.pt
+
+The paper: about 3 s an image for its method (30 DDIM steps) against 1 min 40 s for DDNM (hq demo,
+T = 25) on an RTX 4080, "about 33 times faster". Both run here on one 512x512 picture with Table 1's
+centred 168-pixel hole, through the real code paths (`inpaint()`, `inpaint_ddnm()`), with full-size
+models: random weights (speed does not depend on the values) unless files are given.
+
+DDNM's cost is its UNet calls: 65 a 256 window at T = 25 (25 steps and hq demo's time travel, jump
+length 10, 3 samples), times the windows sampled. The authors' fork samples all 9 windows of a
+512 image (585 calls); ldm_min skips those that have no hole left when their turn comes (4 here:
+260 calls, the same picture). Both ratios are printed.
+
+--reduced (the default on the CPU, where the ADM takes about 10 s a call): each method runs a few
+steps only (the paper's method 2, DDNM 1: one call a window), and the time at the paper's settings
+is the measured run plus the missing UNet calls at the mean time of the measured calls after the
+first (the first also pays for set-up). The encoder, decoder and everything else are measured, not
+scaled. --no-reduced runs the paper's settings whole.
+"""
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from anywhere without installing
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench import demo_picture, randomize, random_models, sync  # noqa: E402
+from ldm_min import Options, ddnm, images, inpaint  # noqa: E402
+from ldm_min.adm import ADM  # noqa: E402
+from ldm_min.options import DdnmOptions  # noqa: E402
+from table1 import hole_mask  # noqa: E402
+from weights import adm_config, load_adm, load_models, pick_device, read_configs  # noqa: E402
+
+ADM_KEYS = ROOT / "tests" / "adm256_uncond_keys.tsv"  # every tensor of 256x256_diffusion_uncond.pt, with its shape
+PAPER_SECONDS = {"paper": 3.0, "ddnm": 100.0}  # the paper, RTX 4080: about 3 s and 1 min 40 s an image
+REDUCED_STEPS = {"paper": 2, "ddnm": 1}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
+    p.add_argument("--dtype", default="auto", help="auto (float16 on cuda, float32 on cpu), float32, float16, bfloat16")
+    p.add_argument("--reduced", action=argparse.BooleanOptionalAction, default=None,
+                   help="run a few steps and scale by the UNet calls (default: on the CPU only)")
+    p.add_argument("--weights", help="a Stable Diffusion v1.4 checkpoint instead of random weights")
+    p.add_argument("--adm-weights", help="256x256_diffusion_uncond.pt instead of random weights")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    return p.parse_args(argv)
+
+
+def random_adm(device, dtype):
+    """The full 552M-parameter ADM in the official file's layout, random weights, in `dtype`."""
+    rows = [line.split("\t") for line in ADM_KEYS.read_text().splitlines() if not line.startswith("#")]
+    with torch.device("meta"):
+        model = ADM(adm_config({name: json.loads(shape) for name, shape in rows}, ADM_KEYS))
+    torch.manual_seed(0)
+    return randomize(model.to(dtype).to_empty(device=device))
+
+
+def timed_forward(module, device):
+    """Wrap module.forward; returns the list its calls' seconds go to."""
+    seconds, forward = [], module.forward
+
+    def timed(*args, **kwargs):
+        sync(device)
+        start = time.perf_counter()
+        out = forward(*args, **kwargs)
+        sync(device)
+        seconds.append(time.perf_counter() - start)
+        return out
+
+    module.forward = timed
+    return seconds
+
+
+def measure(run, calls_full, seconds, device):
+    """(seconds at the paper's settings, seconds measured, calls made, mean s a call after the first)."""
+    sync(device)
+    start = time.perf_counter()
+    run()
+    sync(device)
+    measured, made = time.perf_counter() - start, len(seconds)
+    per_call = statistics.mean(seconds[1:] or seconds)
+    return measured + (calls_full - made) * per_call, measured, made, per_call
+
+
+@torch.no_grad()
+def main(argv=None):
+    args = parse_args(argv)
+    device, dtype = pick_device(args.device, args.dtype)
+    reduced = device.type == "cpu" if args.reduced is None else args.reduced
+    image, _ = demo_picture(512)
+    mask = hole_mask(168)
+    x, hole = images.prepare(image, mask)
+
+    paper = Options()  # the paper's settings: 30 steps, eta 0.85, no prompt
+    models = (load_models(args.weights, args.device, args.dtype) if args.weights
+              else random_models(read_configs(), device, dtype, compile=False))
+    unet_seconds = timed_forward(models.unet, device)
+    steps = REDUCED_STEPS["paper"] if reduced else paper.steps
+    rows = {"paper": measure(lambda: inpaint(image, mask, models, Options(steps=steps)), paper.steps,
+                             unet_seconds, device)}
+    del models
+    gc.collect()  # the timed forward closes a cycle through the UNet: free it before the ADM loads
+
+    settings = DdnmOptions()  # hq demo's, T = 25
+    model = load_adm(args.adm_weights, args.device, args.dtype) if args.adm_weights else random_adm(device, dtype)
+    adm_seconds = timed_forward(model, device)
+    calls, every = ddnm.unet_calls(hole, settings)
+    steps = REDUCED_STEPS["ddnm"] if reduced else settings.steps
+    run = lambda: ddnm.inpaint_ddnm(x, hole, model, DdnmOptions(steps=steps))
+    rows["ddnm"] = measure(run, calls, adm_seconds, device)
+    per_call = rows["ddnm"][3]
+    # The fork samples every window: the same run plus the skipped windows' calls.
+    rows["ddnm, all 9 windows (the fork)"] = (rows["ddnm"][0] + (every - calls) * per_call, *rows["ddnm"][1:])
+    full_calls = {"paper": paper.steps, "ddnm": calls, "ddnm, all 9 windows (the fork)": every}
+
+    where = f"{device.type} {str(dtype).removeprefix('torch.')}" + (
+        f" {torch.cuda.get_device_name(device)}" if device.type == "cuda" else f", {torch.get_num_threads()} threads")
+    result = {"device": where, "reduced": reduced, "methods": {
+        name: {"unet_calls": full_calls[name], "seconds": total, "measured_seconds": measured, "measured_calls": made,
+               "seconds_per_call": per} for name, (total, measured, made, per) in rows.items()}}
+    ours = rows["paper"][0]
+    result["ratio"] = {name: total / ours for name, (total, *_) in rows.items() if name != "paper"}
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    print(f"{where}; {'reduced steps, scaled by the UNet calls' if reduced else 'the paper settings, run whole'}")
+    print("| method | UNet calls | s per call | s an image | x the paper's method |\n|---|---|---|---|---|")
+    for name, (total, measured, made, per) in rows.items():
+        print(f"| {name} | {full_calls[name]} | {per:.3f} | {total:.1f} | {total / ours:.1f} |")
+    print(f"the paper (RTX 4080): {PAPER_SECONDS['paper']:.0f} s and {PAPER_SECONDS['ddnm']:.0f} s, "
+          f"{PAPER_SECONDS['ddnm'] / PAPER_SECONDS['paper']:.0f}x")
+
+
+if __name__ == "__main__":
+    main()
