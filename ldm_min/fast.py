@@ -168,14 +168,15 @@ def fuse_upsampling(module):
 def speed_up(models, compile=False):
     """Make loaded `models` fast, in place: the VAE's encoder and decoder channels-last inside; on
     a CPU where oneDNN packs (`can_pack`), the linears of both models packed, their convolutions
-    where `packs` says (the UNet then channels-last inside too), and the VAE's upsampling fused.
+    where `packs` says (the UNet then channels-last inside too), the UNet's self-attention blocked
+    where `blocks_attention` says, and the VAE's upsampling fused.
     With `compile` the UNet is compiled by torch.compile (once per run: its timestep is a tensor
     input) and otherwise left plain. After this the modules are for inference only: no `.to()`, no
     training, no torch.compile of one's own."""
     channels_last_inside(models.vae.encoder)
     channels_last_inside(models.vae.decoder)
     if models.device.type == "cpu" and can_pack(models.dtype):
-        pack(models.vae, packs("vae", models.dtype), blocks_attention(models.dtype))
+        pack(models.vae, packs("vae", models.dtype))
         # Not the UNet's: its fused kernels (1280 wide) would sit beside the plain ones, which odd
         # sizes still need: 0.22 GiB more in float32, above the plain path's peak, for 3% of a step.
         fuse_upsampling(models.vae)

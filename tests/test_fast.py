@@ -57,13 +57,17 @@ def test_packed_convolution_takes_other_sizes_than_its_first():
 
 
 @packing(torch.float32)
-def test_packed_convolution_saves_its_plain_weights():
-    conv = nn.Conv2d(8, 12, 3, padding=1)
-    expected = {k: v.clone() for k, v in conv.state_dict().items()}
-    conv.__class__ = fast.PackedConv2d
+@pytest.mark.parametrize("module, packed, shape", [
+    (lambda: nn.Conv2d(8, 12, 3, padding=1), fast.PackedConv2d, (1, 8, 6, 6)),
+    (lambda: Upsample(8), fast.PackedUpsample, (1, 8, 4, 4)),
+], ids=["convolution", "upsampling"])
+def test_a_packed_module_saves_its_plain_weights(module, packed, shape):
+    module = module()
+    expected = {k: v.clone() for k, v in module.state_dict().items()}
+    module.__class__ = packed
     with torch.no_grad():
-        conv(torch.randn(1, 8, 6, 6))
-    state = conv.state_dict()
+        module(torch.randn(shape))  # packs them
+    state = module.state_dict()
     assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
 
 
@@ -89,17 +93,6 @@ def test_packed_upsampling_to_another_size_is_the_plain_path():
         expected = up(x, size=(5, 5))
         up.__class__ = fast.PackedUpsample
         assert torch.equal(up(x, size=(5, 5)), expected)
-
-
-@packing(torch.float32)
-def test_packed_upsampling_saves_its_plain_convolution():
-    up = Upsample(8)
-    expected = {k: v.clone() for k, v in up.state_dict().items()}
-    up.__class__ = fast.PackedUpsample
-    with torch.no_grad():
-        up(torch.randn(1, 8, 4, 4))
-    state = up.state_dict()
-    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
