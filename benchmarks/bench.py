@@ -10,9 +10,10 @@ nothing is downloaded (`--weights FOLDER` loads a checkpoint instead, to measure
 timed run is the real code path, `ldm_min.sample.inpaint`, with its parts wrapped in timers. It
 prints, per part: seconds, TFLOP/s achieved, and that rate as a fraction of what this machine does
 on a plain matmul and a plain 3x3 convolution in the same dtype, measured in the same run. Also: the
-peak memory of the run (with --plain as well: the CPU speed-ups of ldm_min/fast.py must not raise
-it; with --diffusers, diffusers' pipeline on the same run and weights must not be below it), and how far the UNet's output in bfloat16/float16 is from float32 on the
-same input and weights.
+peak memory of the run (with --plain, that of the plain path, which the CPU speed-ups of
+ldm_min/fast.py must not pass; with --diffusers, that of diffusers' pipeline on the same run and
+weights, which ldm_min's must not pass either), and how far the UNet's output in bfloat16/float16
+is from float32 on the same input and weights.
 """
 import argparse
 import json
