@@ -150,10 +150,11 @@ def inpaint_ddnm(x, hole, model, options=DdnmOptions(), callback=None):
     x, hole = x.to(parameter.device), hole.to(parameter.device)
     known = 1 - hole
     canvas = x * known                                                            # y = A†Ay: 0 in the hole
+    per_window = calls_per_window(walk)
     for n, (top, left) in enumerate(plan(hole)):
         box = (..., slice(top, top + WINDOW), slice(left, left + WINDOW))
         noise = torch.randn((len(walk), *canvas[box].shape), generator=generator).to(x.device)
-        done = n * calls_per_window(walk)
+        done = n * per_window
         seen = callback and (lambda k, *step: callback(done + k, *step))
         canvas[box] = ddnm(eps_theta, canvas[box], known[box], schedule, walk, noise, seen)
         known[box] = 1                                                            # known to the windows after it
