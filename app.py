@@ -74,6 +74,10 @@ def parse_args(argv=None):
     inpaint.add_model_options(p)
     p.set_defaults(quiet=True)  # inpaint.auto_prompt prints the caption unless quiet: the page shows it
     args = p.parse_args(argv)
+    if not 0 < args.port < 2**16:
+        p.error(f"--port must be from 1 to {2**16 - 1}, got {args.port}")
+    if args.max_upload < 1:
+        p.error(f"--max-upload must be at least 1 (MiB), got {args.max_upload}")
     if args.token is None and not is_loopback(args.host):
         args.token = secrets.token_hex(24)  # Jupyter's length: 192 random bits, made at each start
     return args

@@ -50,7 +50,7 @@ import weights  # noqa: E402
 from ldm_min import InputError, Options, WeightsError, images  # noqa: E402
 from ldm_min import ddnm  # noqa: E402
 from ldm_min.caption import caption_tensors  # noqa: E402
-from ldm_min.options import DdnmOptions  # noqa: E402
+from ldm_min.options import DdnmOptions, check_seed  # noqa: E402
 from ldm_min.sample import inpaint_batch  # noqa: E402
 from weights import DEFAULT_CAPTIONER, DEFAULT_REPO, load_adm, load_models, pick_device  # noqa: E402
 
@@ -213,6 +213,8 @@ def settings_of(args, names, device, dtype):
     settings = {"images": len(names), "images_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
                 "masks": args.masks, "seed": args.seed, "device": device.type,
                 "dtype": str(dtype).removeprefix("torch.")}
+    for seed in (args.seed, args.seed + len(names) * len(args.masks) - 1):  # the first job's and the last's
+        check_seed(seed)
     if args.method == "ddnm":
         options = {k: v for k, v in asdict(DdnmOptions(steps=args.steps)).items() if k != "seed"}
         return settings | {"ddnm": {"adm_weights": str(Path(args.adm_weights).resolve()), **options}}

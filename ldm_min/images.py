@@ -33,18 +33,32 @@ def open_image(path, what="image"):
         raise InputError(f"{what} {path}: damaged or truncated image ({e})") from None
 
 
-def eight_bit(im):
-    """16- and 32-bit integer greys scaled to 8 bits (Pillow's own conversion would clip them)."""
+# Modes Pillow converts to one other mode only: LAB (TIFF) to RGB, premultiplied La to LA.
+VIA = {"LAB": "RGB", "La": "LA"}
+
+
+def eight_bit(im, what="image"):
+    """`im` in a mode whose conversion to RGB and to LA keeps the picture. 16- and 32-bit integer
+    greys are scaled to 8 bits, and 32-bit float greys (TIFF mode F, in [0, 1] as scientific and HDR
+    tools write them) too: Pillow's own conversion would clip both, the float ones to black. A float
+    image outside [0, 1] has no scale to read it at, and is refused."""
     if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
         return Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
-    return im
+    if im.mode == "F":
+        values = np.asarray(im, dtype=np.float64)
+        outside = values[~((values >= 0) & (values <= 1))]  # NaN included
+        if outside.size:
+            raise InputError(f"{what}: a 32-bit float picture must hold values from 0 to 1, this one holds "
+                             f"{outside[0]:g}: scale it to [0, 1], or save it in 8 bits")
+        return Image.fromarray((values * 255).round().astype(np.uint8))
+    return im.convert(VIA[im.mode]) if im.mode in VIA else im
 
 
 def prepare(image, mask, invert_mask=False):
     """The image and its hole, checked: x (1, 3, H, W) float32 in [-1, 1] and hole (1, 1, H, W),
     1 = paint here. A mask pixel is a hole where its grey value is >= 128, transparent pixels
     counting as black; `invert_mask` swaps that."""
-    image, mask = eight_bit(image).convert("RGB"), eight_bit(mask)
+    image, mask = eight_bit(image).convert("RGB"), eight_bit(mask, "mask")
     grey, alpha = mask.convert("LA").split()  # a transparent mask pixel is known, whatever its colour
     if mask.size != image.size:
         raise InputError(f"mask is {mask.size[0]}x{mask.size[1]} but image is {image.size[0]}x{image.size[1]}: "
@@ -89,6 +103,7 @@ def latent_known_mask(hole, dilate, rule):
         hole_l = F.interpolate(hole, (hole.shape[-2] // 8, hole.shape[-1] // 8), mode="nearest")
     else:
         hole_l = F.max_pool2d(hole, 8)
+    dilate = min(dilate, max(hole_l.shape[-2:]))  # the longest side reaches every pixel: more changes nothing
     hole_l = F.max_pool2d(hole_l, 2 * dilate + 1, stride=1, padding=dilate)
     return 1 - hole_l
 
@@ -115,7 +130,7 @@ def paste_back(result, x, hole, feather=0):
         # Distance (in pixels, chessboard metric) from each known pixel to the nearest hole,
         # by growing the hole one pixel at a time, up to `feather` pixels.
         grown, weight = hole, hole.clone()
-        for d in range(1, feather + 1):
+        for d in range(1, min(feather, max(hole.shape[-2:])) + 1):  # no pixel is further than the longest side
             grown = F.max_pool2d(grown, 3, stride=1, padding=1)
             weight = torch.maximum(weight, grown * (1 - d / (feather + 1)))
     return weight * result + (1 - weight) * x

@@ -9,6 +9,16 @@ from .errors import InputError
 from .images import LATENT_MASK_RULES
 from .region import MODEL_SIDE, REGIONS
 
+# The seeds torch.Generator.manual_seed takes: 64-bit unsigned (it wraps a negative one round to 2^64 + seed,
+# another seed's picture).
+SEEDS = range(2**64)
+TRAVEL_REPEATS = range(1, 11)  # RePaint's jump_n_sample (its r) goes up to 10; hq demo's is 3
+
+
+def check_seed(seed):
+    if seed not in SEEDS:
+        raise InputError(f"seed must be a whole number from 0 to {SEEDS[-1]}, got {seed}")
+
 
 @dataclass(frozen=True)
 class Options:
@@ -29,6 +39,7 @@ class Options:
         """Refuse out-of-range settings when they are made, before any work is done."""
         if not 1 <= self.steps <= 1000:
             raise InputError(f"steps must be between 1 and 1000, got {self.steps}")
+        check_seed(self.seed)
         for name, value in (("guidance", self.guidance), ("eta", self.eta)):
             if not math.isfinite(value):
                 raise InputError(f"{name} must be a finite number, got {value}")
@@ -58,6 +69,8 @@ class DdnmOptions:
     def __post_init__(self):
         if not 1 <= self.steps <= 1000:
             raise InputError(f"steps must be between 1 and 1000, got {self.steps}")
-        for name, value in (("travel length", self.travel_length), ("travel repeat", self.travel_repeat)):
-            if value < 1:
-                raise InputError(f"{name} must be at least 1, got {value}")
+        check_seed(self.seed)
+        if self.travel_length < 1:
+            raise InputError(f"travel length must be at least 1, got {self.travel_length}")
+        if self.travel_repeat not in TRAVEL_REPEATS:  # each repeat draws a window's noise for every step walked
+            raise InputError(f"travel repeat must be between 1 and {TRAVEL_REPEATS[-1]}, got {self.travel_repeat}")

@@ -332,6 +332,11 @@ def test_an_option_out_of_range_gets_options_own_message(client):
     assert refused(client, steps=0) == (400, "steps must be between 1 and 1000, got 0")
 
 
+def test_a_seed_the_generator_cannot_take_is_refused_with_the_range(client):
+    assert refused(client, seed="99999999999999999999") == (
+        400, f"seed must be a whole number from 0 to {2**64 - 1}, got 99999999999999999999")
+
+
 def test_a_prompt_over_77_tokens_is_said_to_be_cut(client):
     warnings = [data["message"] for name, data in run(client, steps=1, prompt="cat " * 80) if name == "warning"]
     assert warnings == ["the prompt is longer than 77 tokens; the text encoder reads only the first 77"]
@@ -364,6 +369,17 @@ def test_weights_that_cannot_load_are_one_line_and_status_2(capsys, tmp_path):
         inpaint.run(["--weights", str(tmp_path / "nowhere")], main=app.main)
     err = capsys.readouterr().err
     assert exit.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("option, message", [(["--port", "99999"], "--port must be from 1 to 65535, got 99999"),
+                                             (["--max-upload", "0"], "--max-upload must be at least 1 (MiB), got 0")])
+def test_a_port_or_upload_limit_out_of_range_is_one_line_and_status_2(capsys, option, message):
+    import app
+    import inpaint
+
+    with pytest.raises(SystemExit) as exit:
+        inpaint.run([*option, "--weights", "not/loaded"], main=app.main)
+    assert exit.value.code == 2 and capsys.readouterr().err == f"error: {message} (see --help)\n"
 
 
 def test_a_port_in_use_is_one_line_before_the_models_load(capsys):

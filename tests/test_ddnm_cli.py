@@ -106,6 +106,9 @@ def test_ddnms_options_are_refused_with_the_papers_method(cli, photo, tmp_path, 
 
 @pytest.mark.parametrize("option, words", [([], ["needs --adm-weights"]),
                                            (["--adm-weights", "f", "--travel-length", "0"], ["travel length"]),
+                                           (["--adm-weights", "f", "--travel-repeat", "99999999999999999999"],
+                                            ["travel repeat must be between 1 and 10"]),
+                                           (["--adm-weights", "f", "--seed", str(2**64)], ["seed", str(2**64 - 1)]),
                                            (["--adm-weights", "f", "--steps", "0"], ["steps"])])
 def test_ddnm_without_weights_or_with_bad_settings_is_refused(capsys, photo, option, words):
     with pytest.raises(SystemExit) as e:

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from ldm_min import InputError, NonFiniteError, Options, images, inpaint
+from ldm_min import DdnmOptions, InputError, NonFiniteError, Options, images, inpaint
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -46,6 +46,44 @@ def test_16_bit_grey_is_scaled_not_clipped(tmp_path):
     grey16 = Image.fromarray(np.full((24, 40), 32896, np.uint16))  # 32896 / 257 = 128
     x, _ = images.prepare(saved(grey16, "g.png", tmp_path), Image.fromarray(HOLE.astype(np.uint8) * 255))
     assert grey_levels(x)[0, 0].tolist() == [128, 128, 128]
+
+
+def test_a_float_image_is_read_at_its_0_to_1_scale_not_clipped_black(tmp_path):
+    values = np.linspace(0, 1, 24 * 40, dtype=np.float32).reshape(24, 40)  # what scientific and HDR tools write
+    mask = Image.fromarray(HOLE.astype(np.uint8) * 255)
+    x, _ = images.prepare(saved(Image.fromarray(values, "F"), "f.tiff", tmp_path), mask)
+    assert np.array_equal(grey_levels(x)[..., 0], (values.astype(np.float64) * 255).round())
+
+
+def test_a_float_mask_marks_its_hole_from_one_half(tmp_path):
+    mask = Image.fromarray(np.where(HOLE, 0.5, 0.498).astype(np.float32), "F")
+    _, hole = images.prepare(Image.new("RGB", (40, 24)), saved(mask, "m.tiff", tmp_path))
+    assert np.array_equal(hole_of(hole), HOLE)
+
+
+@pytest.mark.parametrize("value, what", [(2.0, "image"), (-0.5, "image"), (np.nan, "mask"), (np.inf, "mask")])
+def test_a_float_picture_outside_0_to_1_is_refused_in_one_line(value, what):
+    values = np.full((24, 40), 0.5, np.float32)
+    values[3, 5] = value
+    pictures = {"image": Image.fromarray(values, "F"), "mask": Image.fromarray(HOLE.astype(np.uint8) * 255)}
+    if what == "mask":
+        pictures = {"image": Image.new("RGB", (40, 24)), "mask": Image.fromarray(values, "F")}
+    with pytest.raises(InputError, match=rf"^{what}: a 32-bit float picture must hold values from 0 to 1, "
+                                         rf"this one holds {value:g}: scale it") as error:
+        images.prepare(pictures["image"], pictures["mask"])
+    assert "\n" not in str(error.value)
+
+
+def test_lab_and_premultiplied_pictures_read_as_their_rgb(tmp_path):
+    """Pillow converts LAB (TIFF) only to RGB, and La only to LA: the other conversion fails there."""
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    lab, mask = rgb.convert("LAB"), Image.fromarray(HOLE.astype(np.uint8) * 255)
+    x, hole = images.prepare(lab, saved(mask.convert("RGB").convert("LAB"), "m.tiff", tmp_path))
+    assert np.array_equal(grey_levels(x), np.asarray(lab.convert("RGB"))) and np.array_equal(hole_of(hole), HOLE)
+    la = rgb.convert("LA").convert("La")
+    x, hole = images.prepare(la, mask.convert("LA").convert("La"))
+    assert np.array_equal(grey_levels(x)[..., 0], np.asarray(la.convert("LA"))[..., 0])
+    assert np.array_equal(hole_of(hole), HOLE)
 
 
 def test_antialiased_mask_is_binarised_at_128():
@@ -135,10 +173,39 @@ def test_random_small_pictures_prepare_or_raise_input_error(w, h, mw, mh, mode, 
                                           ({"guidance": float("nan")}, "guidance must be a finite number, got nan"),
                                           ({"guidance": float("-inf")}, "guidance must be a finite number, got -inf"),
                                           ({"dilate": -1}, "mask dilation must be >= 0"),
-                                          ({"feather": -2}, "feather must be >= 0")])
+                                          ({"feather": -2}, "feather must be >= 0"),
+                                          ({"seed": 2**64}, f"seed must be a whole number from 0 to {2**64 - 1}, got"),
+                                          ({"seed": -1}, f"seed must be a whole number from 0 to {2**64 - 1}, got -1")])
 def test_out_of_range_options_are_refused_when_made(bad, message):
     with pytest.raises(InputError, match=message):
         Options(**bad)
+
+
+@pytest.mark.parametrize("bad, message", [({"seed": 2**64}, "seed must be a whole number from 0 to"),
+                                          ({"travel_repeat": 11}, "travel repeat must be between 1 and 10, got 11"),
+                                          ({"travel_length": 0}, "travel length must be at least 1, got 0")])
+def test_out_of_range_ddnm_options_are_refused_when_made(bad, message):
+    with pytest.raises(InputError, match=message):
+        DdnmOptions(**bad)
+
+
+@pytest.mark.parametrize("seed", [0, 2**63, 2**64 - 1])
+def test_every_seed_the_generator_takes_is_accepted_and_its_own(seed):
+    assert Options(seed=seed).seed == DdnmOptions(seed=seed).seed == torch.Generator().manual_seed(seed).initial_seed()
+
+
+def test_a_dilation_past_the_latent_makes_it_all_hole_as_its_longest_side_does():
+    hole = torch.zeros(1, 1, 24, 40)
+    hole[..., 8, 8] = 1
+    widest = images.latent_known_mask(hole, 5, "nearest")  # 5 latent pixels: the longest side
+    assert not widest.any() and torch.equal(images.latent_known_mask(hole, 10**20, "nearest"), widest)
+
+
+def test_a_feather_past_the_image_is_computed_as_the_image_allows():
+    result, x, hole = torch.ones(1, 3, 24, 40), -torch.ones(1, 3, 24, 40), torch.zeros(1, 1, 24, 40)
+    hole[..., 0, 0] = 1
+    blend = images.paste_back(result, x, hole, 10**20)  # each known pixel's weight: 1 - d / (10^20 + 1), 1 in float32
+    assert torch.equal(blend, result)
 
 
 @pytest.mark.parametrize("name, value", [("eta", 0), ("eta", 1), ("guidance", -3.0), ("guidance", 1e39)])

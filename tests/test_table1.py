@@ -182,7 +182,8 @@ def one_line_error(status, err):
     return status == 2 and err.startswith("error: ") and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("case", ["empty folder", "mask 512", "mask 0", "unreadable image", "missing list entry"])
+@pytest.mark.parametrize("case", ["empty folder", "mask 512", "mask 0", "unreadable image", "missing list entry",
+                                  "last seed past 64 bits"])
 def test_bad_input_is_one_line_exit_2(capsys, tmp_path, case):
     data = tmp_path / "data"
     data.mkdir()
@@ -196,8 +197,12 @@ def test_bad_input_is_one_line_exit_2(capsys, tmp_path, case):
     if case == "missing list entry":
         (tmp_path / "list.txt").write_text("a.png\n")
         extra += ["--list", tmp_path / "list.txt"]
+    if case == "last seed past 64 bits":  # job 0 takes seed 2^64 - 1, job 1 one more: refused before any work
+        Image.new("RGB", (512, 512)).save(data / "a.png")
+        extra += ["--seed", 2**64 - 1]
     status, _, err = harness(capsys, data, tmp_path / "out", *extra)
     assert one_line_error(status, err), (status, err)
+    assert case != "last seed past 64 bits" or ("seed must be" in err and not (tmp_path / "out" / "crops").exists())
 
 
 def test_out_with_another_runs_settings_is_refused_and_kept(capsys, data, reference, tmp_path):
