@@ -1,5 +1,5 @@
 """notebooks/algorithm1.ipynb: every code cell runs, in order, on the tiny checkpoint, and draws
-pictures of the expected sizes; its prose cites equations (1)-(6) and lines 1-8 of Algorithm 1;
+pictures of the expected sizes, with DDNM's ADM file and without it (its cells then step aside); its prose cites equations (1)-(6) and lines 1-8 of Algorithm 1;
 it is committed with its outputs cleared. No Jupyter needed: the .ipynb is plain JSON."""
 import json
 import re
@@ -17,12 +17,15 @@ def cells(kind):
     return ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == kind]
 
 
-def run_cells(sources, cwd, monkeypatch, settings=None):
+def run_cells(sources, cwd, monkeypatch, settings=None, printed=None):
     """Execute the sources in order in one namespace, as a kernel would, from `cwd`; `settings`
-    overrides values of the notebook's first code cell (its settings) right after it runs."""
+    overrides values of the notebook's first code cell (its settings) right after it runs. What the
+    cells print goes to the list `printed`, if given, a line an item."""
     monkeypatch.setenv("LDM_MIN_WEIGHTS", str(TINY))
     monkeypatch.chdir(cwd)
     namespace = {"__name__": "__main__", "display": lambda *objects: None}
+    if printed is not None:
+        namespace["print"] = lambda *words, **_: printed.append(" ".join(map(str, words)))
     for n, source in enumerate(sources):
         exec(compile(source, f"{NOTEBOOK.name}[code cell {n}]", "exec"), namespace)
         if n == 0:
@@ -86,6 +89,26 @@ def test_runs_and_draws_expected_sizes(ns):
     assert ns["negative"] > 0  # the printed sigma_t makes a square root imaginary somewhere
     # The dilation exists because of cut cells that count as known without it.
     assert ((ns["cut"]) & (ns["M_l0"] > 0)).any() and not ((ns["cut"]) & (ns["M_l"] > 0)).any()
+
+
+def test_without_the_adms_file_ddnm_steps_aside_in_one_line_and_the_rest_runs(monkeypatch):
+    """A learner with the SD weights only: no LDM_MIN_ADM_WEIGHTS, and no file in the repository root."""
+    assert not (ROOT / "256x256_diffusion_uncond.pt").exists()
+    monkeypatch.delenv("LDM_MIN_ADM_WEIGHTS", raising=False)
+    printed = []
+    ns = run_cells(cells("code"), ROOT, monkeypatch, settings={"STEPS": 2}, printed=printed)
+    skipped = [line for line in printed if "DDNM" in line]
+    assert len(skipped) == 1 and skipped[0].startswith("DDNM skipped: ") and "LDM_MIN_ADM_WEIGHTS" in skipped[0]
+    assert "eq4_eq5" not in ns["figures"] and {"steps", "result"} <= ns["figures"].keys()
+    assert ns["inpaint_diff"] == 0 and "adm" not in ns
+
+
+def test_a_named_adm_file_that_is_missing_is_the_loaders_error(monkeypatch, tmp_path):
+    from ldm_min import WeightsError
+
+    monkeypatch.setenv("LDM_MIN_ADM_WEIGHTS", str(tmp_path / "missing.pt"))
+    with pytest.raises(WeightsError, match="missing.pt"):
+        run_cells(cells("code"), ROOT, monkeypatch, settings={"STEPS": 1})
 
 
 def test_finds_the_repository_from_notebooks_folder(monkeypatch):
