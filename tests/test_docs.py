@@ -142,6 +142,10 @@ def shown_commands():
             for page in PAGES for script, text in commands(page)]
 
 
+def test_the_readme_stays_a_front_page_of_at_most_260_lines():
+    assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) <= 260  # depth goes to docs/
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(ROOT)))
 def test_every_relative_link_resolves(page):
     assert broken_links(page) == []
