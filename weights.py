@@ -509,7 +509,7 @@ def load_adm(path, device="auto", dtype="auto"):
     with torch.device("meta"):
         model = ADM(adm_config({name: list(tensor.shape) for name, tensor in state.items()}, path))
     exact_float32(device, dtype)
-    return load_into(model, state, path, device, dtype, ADM_FAMILY)
+    return fast.speed_up_adm(load_into(model, state, path, device, dtype, ADM_FAMILY))
 
 
 # The captioner of `--prompt auto`: BLIP, the captioner of the paper's Table 1 ("+ BLIP caption").

@@ -83,6 +83,19 @@ class PackedLinear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
+class PackedConv1d(nn.Conv1d):
+    """A 1-wide Conv1d over (B, C, N) (the ADM attention's qkv and proj_out) as the oneDNN linear it
+    is over the channels: the same values, handed back as a (B, C, N) view of the (B, N, C) result.
+    That layout is the gain: the ADM's q, k and v, cut from qkv's channels, then have unit stride
+    in their last dimension, which PyTorch's CPU flash attention needs; without it SDPA takes its
+    math path. At the ADM's 32x32 (512 channels), contended 2-core Xeon with AMX, float32: qkv
+    36 -> 19 ms, attention 112 -> 22 ms; at 16x16 (1024): 36 -> 21 and 60 -> 4 ms."""
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(
+            x.transpose(1, 2), self.weight[..., 0], self.bias, "none", [], "").transpose(1, 2)
+
+
 QUERIES = 128  # a block's scores, 128 x 4096 in bfloat16, stay in a core's 1-2 MiB of L2 cache
 
 
@@ -120,7 +133,7 @@ def can_pack(dtype):
 
 
 def packs(part, dtype):
-    """Whether `part`'s ("unet" or "vae") convolutions are packed (and the UNet runs channels-last),
+    """Whether `part`'s ("unet", "vae" or DDNM's "adm") convolutions are packed (and the UNets run channels-last),
     decided per part from per-part timings, packed against plain in one process, alternating
     (`benchmarks/versus.py`, docs/performance.md):
     - The UNet, wherever oneDNN packs: a step on a 2-core AMD EPYC with AVX-512 and AVX512-BF16, no
@@ -128,7 +141,7 @@ def packs(part, dtype):
       AVX2 kernels; on AMX machines 0.82 in bfloat16 and 0.97 in float32.
     - The VAE, only with AMX, where it was packed with the UNet when bfloat16 reached 0.40 of
       diffusers' time; on machine F packing made it slower: encode 1.09, decode 1.06 of plain."""
-    return can_pack(dtype) and (part == "unet" or has_amx())
+    return can_pack(dtype) and (part in ("unet", "adm") or has_amx())
 
 
 def blocks_attention(dtype):
@@ -148,8 +161,8 @@ def channels_last_inside(module):
 
 
 def pack(module, convolutions, attention=False):
-    """Swap in the packed modules above, in place: the linears, and the convolutions and the
-    attention too when `convolutions`, `attention`."""
+    """Swap in the packed modules above, in place: the linears, and the convolutions (1-wide Conv1d
+    ones too) and the attention too when `convolutions`, `attention`."""
     for m in module.modules():
         if type(m) is Attention and attention:
             m.__class__ = BlockedAttention
@@ -157,6 +170,8 @@ def pack(module, convolutions, attention=False):
             m.__class__ = PackedLinear  # same parameters, another forward
         elif type(m) is nn.Conv2d and convolutions:
             m.__class__ = PackedConv2d
+        elif type(m) is nn.Conv1d and convolutions and m.kernel_size == (1,) and m.groups == 1:
+            m.__class__ = PackedConv1d
 
 
 def fuse_upsampling(module):
@@ -189,3 +204,16 @@ def speed_up(models, compile=False):
         # a 30-step run 0.6 -> 0.3 s).
         models.unet = torch.compile(models.unet, mode="reduce-overhead" if models.device.type == "cuda" else None)
     return models
+
+
+def speed_up_adm(model):
+    """Make DDNM's loaded ADM UNet (ldm_min/adm.py) fast, in place, with the SD UNet's CPU speed-ups
+    under the same rules, so that the paper's speed claim compares the methods, not our speed-ups
+    (benchmarks/ddnm_speed.py): on a CPU where oneDNN packs, its linears packed and, where `packs`
+    says, its convolutions too, on channels-last feature maps. Its attention keeps SDPA."""
+    weight = next(model.parameters())
+    if weight.device.type == "cpu" and can_pack(weight.dtype):
+        pack(model, packs("adm", weight.dtype))
+        if packs("adm", weight.dtype):
+            channels_last_inside(model)
+    return model

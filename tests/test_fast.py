@@ -8,7 +8,7 @@ from torch import nn
 
 from ldm_min import fast
 from ldm_min.layers import Attention, Upsample
-from weights import build, read_configs
+from weights import adm_config, build, load_adm, read_configs
 
 TINY = Path(__file__).parent / "golden" / "tiny-sd"
 
@@ -192,6 +192,47 @@ def test_sped_up_vae_computes_what_the_plain_vae_computes(tiny_cpu, plain, close
     with torch.no_grad():
         assert close_paths(tiny_cpu.vae.encode(x), plain["vae"].encode(x))
         assert close_paths(tiny_cpu.vae.decode(z), plain["vae"].decode(z))
+
+
+def plain_adm(path):
+    """The ADM of the file at `path` as built, with none of the speed-ups that load_adm applies."""
+    from ldm_min.adm import ADM
+
+    state = torch.load(path, weights_only=True)
+    model = ADM(adm_config({name: list(t.shape) for name, t in state.items()}, path))
+    model.load_state_dict(state)
+    return model.requires_grad_(False).eval()
+
+
+def test_the_adm_is_packed_where_the_sd_unet_is(tiny_adm):
+    adm, packed = load_adm(tiny_adm, "cpu", "float32"), fast.can_pack(torch.float32)
+    kinds = lambda cls: {type(m) for m in adm.modules() if isinstance(m, cls)}
+    assert fast.packs("adm", torch.float32) == fast.packs("unet", torch.float32)
+    assert kinds(nn.Conv2d) == ({fast.PackedConv2d} if fast.packs("adm", torch.float32) else {nn.Conv2d})
+    assert kinds(nn.Linear) == ({fast.PackedLinear} if packed else {nn.Linear})
+    assert kinds(nn.Conv1d) == ({fast.PackedConv1d} if fast.packs("adm", torch.float32) else {nn.Conv1d})
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_packed_1_wide_conv1d_is_the_conv1d_with_channels_of_unit_stride(dtype, agree):
+    conv, x = nn.Conv1d(64, 192, 1).to(dtype), torch.randn(2, 64, 50).to(dtype)
+    with torch.no_grad():
+        expected = conv(x)
+        conv.__class__ = fast.PackedConv1d
+        out = conv(x)
+    assert out.shape == expected.shape and out.stride(1) == 1 and agree(out, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_adm_as_loaded_computes_what_the_plain_adm_computes(tiny_adm, dtype, agree):
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 3, 32, 32).clamp(-1, 1).to(dtype), torch.tensor([3, 977])
+    adm, plain = load_adm(tiny_adm, "cpu", str(dtype).removeprefix("torch.")), plain_adm(tiny_adm).to(dtype)
+    with torch.no_grad():
+        eps = adm(x, t)
+        expected = plain(x.contiguous(memory_format=torch.channels_last), t)
+    assert adm.input_blocks[0][0].weight.is_mkldnn  # the packed path ran
+    assert eps.is_contiguous() and agree(eps, expected)
 
 
 def test_channels_last_inside_a_module_and_the_default_layout_out():
