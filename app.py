@@ -9,6 +9,7 @@ The page (app.html) sends a photo, the mask painted on it and the options. The s
 ẑ_{0|t} as server-sent events, then the result as a PNG: the very file `python inpaint.py` writes
 for the same image, mask and options. One run at a time, and it belongs to the page that started
 it: when that page stops reading (reloaded, closed), the run stops after its current step.
+With the method blend (`ldm_min.blend`), the blended z_{t-1} is previewed in the place of ẑ_{0|t}.
 
 Only the page itself can drive the server: requests to another Host (DNS rebinding) are refused,
 and so are runs and cancels sent by other web sites. Beyond loopback every request needs a token,
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 import inpaint
 from ldm_min import InputError, LdmMinError, Options, images, region
 from ldm_min.images import LATENT_MASK_RULES
+from ldm_min.options import LATENT_METHODS
 from ldm_min.region import REGIONS
 from ldm_min.sample import inpaint_tensors
 
@@ -258,7 +260,7 @@ def make_app(models, args):
             with warnings.catch_warnings():
                 warnings.simplefilter("always")  # each run shows its own warnings, not just the first run's
                 warnings.showwarning = lambda message, *_: send("warning", message=str(message))
-                send("start", steps=options.steps, grid=latent_grid(hole, options))
+                send("start", steps=options.steps, method=options.method, grid=latent_grid(hole, options))
                 if options.prompt == "auto":
                     options = replace(options, prompt=inpaint.auto_prompt(x, hole, args))
                     send("caption", prompt=options.prompt)
@@ -301,8 +303,9 @@ def make_app(models, args):
 
     @app.get("/options")
     def options():
-        """Options()'s defaults, the paper's, and the choices of its two choices: the page's form starts from them."""
-        return {"defaults": asdict(Options()), "choices": {"latent_mask": LATENT_MASK_RULES, "region": REGIONS}}
+        """Options()'s defaults, the paper's, and the choices of its choices: the page's form starts from them."""
+        return {"defaults": asdict(Options()),
+                "choices": {"method": LATENT_METHODS, "latent_mask": LATENT_MASK_RULES, "region": REGIONS}}
 
     @app.post("/run")
     async def run(request: Request):

@@ -6,6 +6,7 @@
     python inpaint.py photos/ masks/ -o done/ --batch 8        # up to 8 photos of one size per UNet call
     torchrun --nproc_per_node=4 inpaint.py photos/ mask.png -o done/   # one mask for all, 4 processes
     python inpaint.py photo.png mask.png --method ddnm --adm-weights 256x256_diffusion_uncond.pt  # the baseline
+    python inpaint.py photo.png mask.png --method blend        # the classic way: blend z_t, not eq. 5's z_{0|t}
 """
 import argparse
 import sys
@@ -15,6 +16,8 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from PIL import Image
+
+from ldm_min.options import LATENT_METHODS
 
 
 def fail(message, status=2):
@@ -34,8 +37,10 @@ def batch_size(text):
     return int(text)
 
 
-METHODS = ("paper", "ddnm")  # the paper's Algorithm 1; DDNM, its baseline (ldm_min/ddnm.py)
-UNSET = object()  # an option not given: each method's own options are refused with the other method
+# Stable Diffusion's: the paper's Algorithm 1 and the blend of z_t it is audited against (ldm_min/blend.py);
+# then DDNM, the paper's baseline (ldm_min/ddnm.py).
+METHODS = (*LATENT_METHODS, "ddnm")
+UNSET = object()  # an option not given: each method's own options are refused with the other methods
 
 
 def parse_args(argv):
@@ -55,14 +60,16 @@ def parse_args(argv):
     p.add_argument("--overwrite", action="store_true",
                    help="with a folder of images: redo the images whose output is there (default: skip them)")
     p.add_argument("--method", choices=METHODS, default="paper",
-                   help="paper: the paper's Algorithm 1 on Stable Diffusion v1.4; ddnm: DDNM, the paper's baseline, "
-                        "on guided-diffusion's 256 px ImageNet model as DDNM's hq demo runs it (default %(default)s)")
+                   help="paper: the paper's Algorithm 1 on Stable Diffusion v1.4; blend: the same with Blended Latent "
+                        "Diffusion's blend of the noisy latent z_t in place of eq. 5, the classic alternative; ddnm: "
+                        "DDNM, the paper's baseline, on guided-diffusion's 256 px ImageNet model as DDNM's hq demo "
+                        "runs it (default %(default)s)")
     p.add_argument("--steps", type=int, default=None,
                    help=f"T: DDIM steps, or DDNM's respaced steps (default {default.steps}, the paper's; "
                         f"{ddnm_default.steps} with --method ddnm, the paper's for DDNM)")
     p.add_argument("--seed", type=int, default=default.seed, help="random seed (default %(default)s)")
     p.add_argument("--invert-mask", action="store_true", help="black marks the pixels to paint")
-    paper = p.add_argument_group("the paper's method only (--method paper)")
+    paper = p.add_argument_group("Stable Diffusion's methods only (--method paper or blend)")
     paper.add_argument("--batch", type=batch_size, default=1, metavar="N",
                        help="with a folder of images: inpaint up to N images of one size together, through each "
                             "UNet call (default %(default)s); each result is the single run's, up to float rounding")
@@ -102,14 +109,14 @@ def parse_args(argv):
     ddnm.add_argument("--travel-repeat", type=int, default=ddnm_default.travel_repeat,
                       help="time travel: walk each stretch this many times in all (default %(default)s, hq demo's)")
     p.add_argument("--quiet", action="store_true", help="print errors only")
-    # Each group's options start UNSET, so that one given with the other method is refused.
-    groups = {"paper": paper._group_actions, "ddnm": ddnm._group_actions}
+    # Each group's options start UNSET, so that one given with another group's method is refused.
+    groups = {LATENT_METHODS: paper._group_actions, ("ddnm",): ddnm._group_actions}
     args = p.parse_args(argv, argparse.Namespace(**{a.dest: UNSET for g in groups.values() for a in g}))
-    for method, actions in groups.items():
+    for methods, actions in groups.items():
         for action in actions:
             if getattr(args, action.dest) is UNSET:
                 setattr(args, action.dest, action.default)
-            elif method != args.method:
+            elif args.method not in methods:
                 p.error(f"{action.option_strings[-1]} means nothing with --method {args.method}")
     if args.method == "ddnm" and not args.adm_weights:
         p.error("--method ddnm needs --adm-weights FILE, guided-diffusion's 256x256_diffusion_uncond.pt")
@@ -216,7 +223,8 @@ def main(argv=None):
     if not args.quiet:
         dtype = str(models.dtype).removeprefix("torch.")
         where = f"{box}, " if box else ""
-        print(f"seed {options.seed}, {options.steps} steps, eta {options.eta}, {models.device.type} {dtype}, "
+        method = "blend, " if options.method == "blend" else ""
+        print(f"{method}seed {options.seed}, {options.steps} steps, eta {options.eta}, {models.device.type} {dtype}, "
               f"{where}{time.perf_counter() - start:.1f} s -> {out}", file=sys.stderr)
 
 

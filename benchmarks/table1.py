@@ -25,7 +25,9 @@ written atomically and a rerun skips the files already there.
 
 With --method ddnm, DDNM (the paper's baseline, `ldm_min.ddnm`, hq demo's settings with T = 25)
 inpaints the same crops with the same masks and seeds into inpainted/ddnm/holeS/, in the same OUT:
-the table then has both measured rows beside the paper's.
+the table then has both measured rows beside the paper's. With --method blend, the blend of z_t
+(`ldm_min.blend`, the classic alternative to eq. 5) does, into inpainted/blend/holeS/, with the
+paper's method's weights and `Options` (an OUT holding both must have the same) and each job's seed.
 """
 import argparse
 import hashlib
@@ -50,7 +52,7 @@ import weights  # noqa: E402
 from ldm_min import InputError, Options, WeightsError, images  # noqa: E402
 from ldm_min import ddnm  # noqa: E402
 from ldm_min.caption import caption_tensors  # noqa: E402
-from ldm_min.options import DdnmOptions, check_seed  # noqa: E402
+from ldm_min.options import LATENT_METHODS, DdnmOptions, check_seed  # noqa: E402
 from ldm_min.sample import inpaint_batch  # noqa: E402
 from weights import DEFAULT_CAPTIONER, DEFAULT_REPO, load_adm, load_models, pick_device  # noqa: E402
 
@@ -101,8 +103,8 @@ def parse_args(argv):
                    help="which of the paper's sets this is, for its numbers beside ours (default %(default)s)")
     p.add_argument("--out", required=True, help="output folder; a rerun with the same settings resumes it")
     p.add_argument("--method", choices=cli.METHODS, default="paper",
-                   help="paper: the paper's method; ddnm: DDNM, its baseline, into inpainted/ddnm/ "
-                        "(default %(default)s)")
+                   help="paper: the paper's method; blend: the blend of z_t in place of eq. 5, into inpainted/blend/; "
+                        "ddnm: DDNM, its baseline, into inpainted/ddnm/ (default %(default)s)")
     p.add_argument("--adm-weights", metavar="FILE",
                    help="with --method ddnm: guided-diffusion's 256x256_diffusion_uncond.pt (or a .safetensors copy)")
     p.add_argument("--weights", help="local folder, hub repo id or single .safetensors file (default: "
@@ -127,13 +129,14 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         p.error(f"--limit must be at least 1, got {args.limit}")
-    # Each method's own options are refused with the other, in one line (as inpaint.py does).
-    own = {"ddnm": [("--adm-weights", args.adm_weights)],
-           "paper": [("--weights", args.weights), ("--tokenizer", args.tokenizer), ("--captioner", args.captioner),
-                    ("--prompts", args.prompts != ["none"]), ("--batch", args.batch != 1)]}
-    for method, options in own.items():
+    # Each method's own options are refused with the others, in one line (as inpaint.py does). The
+    # blend's row is Table 1's, without prompts: the caption columns are the paper's method's only.
+    own = {("ddnm",): [("--adm-weights", args.adm_weights)],
+           LATENT_METHODS: [("--weights", args.weights), ("--tokenizer", args.tokenizer), ("--batch", args.batch != 1)],
+           ("paper",): [("--captioner", args.captioner), ("--prompts", args.prompts != ["none"])]}
+    for methods, options in own.items():
         for flag, value in options:
-            if value and method != args.method:
+            if value and args.method not in methods:
                 p.error(f"{flag} means nothing with --method {args.method}")
     if args.method == "ddnm" and not args.adm_weights:
         p.error("--method ddnm needs --adm-weights FILE, guided-diffusion's 256x256_diffusion_uncond.pt")
@@ -209,7 +212,8 @@ class Layout:
 
 def settings_of(args, names, device, dtype):
     """The run's settings: the protocol's (images, masks, seeds, device), then its method's own: the
-    SD weights and `Options` for the paper's method, the ADM's file and `DdnmOptions` for DDNM."""
+    SD weights and `Options` for the paper's method and the blend (with "blend": true for the
+    blend), the ADM's file and `DdnmOptions` for DDNM."""
     settings = {"images": len(names), "images_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
                 "masks": args.masks, "seed": args.seed, "device": device.type,
                 "dtype": str(dtype).removeprefix("torch.")}
@@ -221,8 +225,10 @@ def settings_of(args, names, device, dtype):
     weights = args.weights or os.environ.get("LDM_MIN_WEIGHTS") or DEFAULT_REPO
     if Path(weights).exists():
         weights = str(Path(weights).resolve())
-    options = {k: v for k, v in asdict(Options(steps=args.steps)).items() if k != "seed"}
+    options = {k: v for k, v in asdict(Options(steps=args.steps)).items() if k not in ("seed", "method")}
     settings |= {"weights": weights, "options": options}
+    if args.method == "blend":  # the same weights and options as the paper's method: nothing favours either
+        settings["blend"] = True
     if args.prompts != ["none"]:  # absent: the prompt kinds are ["none"], and settings.json is as before captions
         captioner = str(args.captioner or DEFAULT_CAPTIONER)
         settings |= {"prompts": args.prompts, "captioner": str(Path(captioner).resolve()) if Path(captioner).is_dir()
@@ -232,7 +238,7 @@ def settings_of(args, names, device, dtype):
 
 # Prompt kinds and methods may be added to a run (each has its own files); the other settings must match.
 ADDITIVE = ("prompts", "captioner")
-METHOD_SETTINGS = ("weights", "options", "ddnm")  # the paper's method's, DDNM's
+METHOD_SETTINGS = ("weights", "options", "ddnm", "blend")  # the paper's method's (and the blend's), DDNM's
 
 
 def check_settings(out, settings):
@@ -345,14 +351,17 @@ def table(rows, dataset):
                "DDNM (paper)": lambda r: fmt(r["paper_ddnm"]), "proposed (paper)": lambda r: fmt(r["paper_proposed"]),
                "+ caption of the original (paper)": lambda r: fmt(r["paper_caption"]),
                "ours": lambda r: fmt(r["fid"]), "DDNM (measured)": lambda r: fmt(r["ddnm_fid"]),
-               "s/image": lambda r: fmt(r["seconds_per_image"]),
+               "blend (measured)": lambda r: fmt(r["blend_fid"]), "s/image": lambda r: fmt(r["seconds_per_image"]),
                "DDNM s/image": lambda r: fmt(r["ddnm_seconds_per_image"]),
+               "blend s/image": lambda r: fmt(r["blend_seconds_per_image"]),
                "DDNM UNet calls": lambda r: "{} (all windows: {})".format(*r["ddnm_unet_calls"]),
                "device": lambda r: r["device"]}
     if "prompt" not in rows[0]:  # the paper's Table 1 alone
         del columns["prompt"], columns["+ caption of the original (paper)"]
     if "ddnm_fid" not in rows[0]:  # no DDNM run in OUT
         del columns["DDNM (measured)"], columns["DDNM s/image"], columns["DDNM UNet calls"]
+    if "blend_fid" not in rows[0]:  # no blend run in OUT
+        del columns["blend (measured)"], columns["blend s/image"]
     line = lambda cells: "| " + " | ".join(map(str, cells)) + " |\n"
     return line(columns) + "|---" * len(columns) + "|\n" + "".join(line(f(r) for f in columns.values()) for r in rows)
 
@@ -408,7 +417,7 @@ def run_jobs(args, world, device, dtype, out, all_names, names):
     settings = check_settings(out, settings_of(args, all_names, device, dtype))
     inception = load_inception(device) if world.rank == 0 and not args.no_fid else None  # fail before the work
     layout = Layout(out, all_names)
-    kinds = ["ddnm"] if args.method == "ddnm" else args.prompts  # DDNM's results: inpainted/ddnm/holeS/
+    kinds = args.prompts if args.method == "paper" else [args.method]  # DDNM's: inpainted/ddnm/holeS/, ...
     if world.rank == 0:
         for folder in ["crops", "masks"]:
             (out / folder).mkdir(parents=True, exist_ok=True)
@@ -448,6 +457,8 @@ def run_jobs(args, world, device, dtype, out, all_names, names):
                 seed = args.seed + n * len(args.masks) + j
                 if kind == "ddnm":
                     options = DdnmOptions(steps=args.steps, seed=seed)
+                elif kind == "blend":
+                    options = Options(method="blend", steps=args.steps, seed=seed)
                 else:
                     prompt = "" if kind == "none" else captions[kind, side][layout.crop(n).name]
                     options = Options(prompt=prompt, steps=args.steps, seed=seed)
@@ -468,7 +479,8 @@ def run_jobs(args, world, device, dtype, out, all_names, names):
 
 def report(args, out, names, layout, inception, seconds, device, dtype, world, settings):
     """FID per hole size, the table on stdout, OUT/table1.md and OUT/table1.json. A method's FID is
-    there once all its results are; DDNM's columns once OUT holds a DDNM run."""
+    there once all its results are; DDNM's columns once OUT holds a DDNM run, the blend's once it
+    holds a blend run."""
     previous = {}
     if (out / "table1.json").exists():  # a rerun with nothing left to inpaint keeps the timings it had
         try:
@@ -490,7 +502,7 @@ def report(args, out, names, layout, inception, seconds, device, dtype, world, s
         score = None
         if real is not None and len(names) >= 2 and all(map(jobs.done, results)):
             score = fid(inception_features(inception, results, device), real)
-        key = "ddnm_seconds_per_image" if kind == "ddnm" else "seconds_per_image"
+        key = f"{kind}_seconds_per_image" if kind in ("ddnm", "blend") else "seconds_per_image"
         return score, sum(times) / len(times) if times else previous.get((side, row_kind), {}).get(key), bool(times)
 
     rows = []
@@ -501,13 +513,15 @@ def report(args, out, names, layout, inception, seconds, device, dtype, world, s
             paper_ddnm, proposed = PAPER.get(args.dataset, {}).get(side, (None, None))
             row = {"hole": side, "images": len(names), "paper_ddnm": paper_ddnm, "paper_proposed": proposed,
                    "fid": score, "seconds_per_image": per_image, "device": old.get("device", where)}
-            if "ddnm" in settings:  # DDNM beside ours: its FID, time and UNet calls a picture (and the fork's)
-                ddnm_score, ddnm_per_image, ddnm_timed = measured(side, "ddnm", kind)
+            for method in ("ddnm", "blend"):  # each beside ours, once OUT holds its run: its FID and time a picture
+                if settings.get(method):
+                    method_score, method_per_image, method_timed = measured(side, method, kind)
+                    row |= {f"{method}_fid": method_score, f"{method}_seconds_per_image": method_per_image}
+                    timed = timed or method_timed
+            if "ddnm" in settings:  # and DDNM's UNet calls a picture (and the fork's)
                 hole = torch.from_numpy(np.asarray(hole_mask(side)) >= 128).float()[None, None]
                 options = DdnmOptions(**{k: v for k, v in settings["ddnm"].items() if k != "adm_weights"})
-                row |= {"ddnm_fid": ddnm_score, "ddnm_seconds_per_image": ddnm_per_image,
-                        "ddnm_unet_calls": list(ddnm.unet_calls(hole, options))}
-                timed = timed or ddnm_timed
+                row["ddnm_unet_calls"] = list(ddnm.unet_calls(hole, options))
             if timed:
                 row["device"] = f"{where} x{world.size}"
             if args.prompts != ["none"]:  # as before captions otherwise

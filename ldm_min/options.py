@@ -9,6 +9,9 @@ from .errors import InputError
 from .images import LATENT_MASK_RULES
 from .region import MODEL_SIDE, REGIONS
 
+# Where E(y) enters: "paper", Algorithm 1's eq. 5 on z_{0|t} (`sample`); "blend", Blended Latent
+# Diffusion's blend of z_t (`blend.blend`), the classic alternative, under the same settings.
+LATENT_METHODS = ("paper", "blend")
 # The seeds torch.Generator.manual_seed takes: 64-bit unsigned (it wraps a negative one round to 2^64 + seed,
 # another seed's picture).
 SEEDS = range(2**64)
@@ -22,6 +25,7 @@ def check_seed(seed):
 
 @dataclass(frozen=True)
 class Options:
+    method: str = "paper"         # one of LATENT_METHODS
     prompt: str = ""              # the paper: no prompt
     guidance: float = 7.5         # classifier-free guidance scale g, used only with a prompt (SD's usual value)
     steps: int = 30               # T, DDIM steps (the paper: 30)
@@ -48,6 +52,8 @@ class Options:
         for name, value in (("mask dilation", self.dilate), ("feather", self.feather)):
             if value < 0:
                 raise InputError(f"{name} must be >= 0, got {value}")
+        if self.method not in LATENT_METHODS:
+            raise InputError(f"method must be paper or blend, got {self.method!r}")
         if self.latent_mask not in LATENT_MASK_RULES:
             raise InputError(f"latent mask rule must be nearest or cover, got {self.latent_mask!r}")
         if self.region not in REGIONS:

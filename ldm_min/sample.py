@@ -1,4 +1,5 @@
-"""Algorithm 1 of Kakinuma et al. (`sample`), and the inpainting around it (`inpaint`).
+"""Algorithm 1 of Kakinuma et al. (`sample`), and the inpainting around it (`inpaint`), which runs
+it or, with Options(method="blend"), the blend of z_t that it is audited against (`blend.py`).
 
 Equation and line numbers are the paper's (the README's equation map lists them). The sampler's
 own arithmetic is float32 whatever the models' dtype.
@@ -7,7 +8,8 @@ from dataclasses import replace
 
 import torch
 
-from . import images, region
+from . import images, noise, region
+from .blend import blend
 from .errors import InputError, LdmMinError, NonFiniteError
 from .options import Options
 
@@ -26,14 +28,8 @@ def sample(eps_theta, Ey, M_l, D, schedule, *, T, eta, seed, callback=None):
     B images of one size ride through at once as a batch: Ey (B, 4, h, w), M_l (B, 1, h, w), and
     `seed` a list of B seeds, one per image (an int is the seed of a single image).
     """
-    # Every draw is float32 on a CPU generator seeded with the image's seed, in a fixed order, so a
-    # seed gives the same picture on any device and in any batch: z_T first, then one eps_z per step
-    # when eta > 0 (docs/conventions.md). All are drawn before the loop and moved in one copy: a copy
-    # to a GPU waits for it to finish its queued work, and inside the loop that would stall every step.
-    generators = [torch.Generator().manual_seed(s) for s in ([seed] if isinstance(seed, int) else seed)]
-    draw = lambda: torch.cat([torch.randn(Ey[:1].shape, generator=g) for g in generators])  # one per image
-    draws = torch.stack([draw() for _ in range(1 + T * (eta > 0))])
-    z, *eps_zs = draws.to(Ey.device)                                              # line 1: z_T ~ N(0, I)
+    # All the noise, before the loop, on the images' CPU generators: z_T, then one eps_z per step when eta > 0.
+    [z], eps_zs = noise.draws(seed, Ey, 1, T * (eta > 0))                         # line 1: z_T ~ N(0, I)
     for i, (t, t_prev) in enumerate(schedule.timesteps(T)):                       # line 2: for t = T .. 1 (to line 6)
         abar_t, abar_prev = schedule.abar_at(t), schedule.abar_at(t_prev)
         eps = eps_theta(z, t)                                                     # used by lines 3 and 5
@@ -77,7 +73,8 @@ def eps_model(models, prompt, guidance):
 @torch.no_grad()
 def inpaint(image, mask, models, options=Options(), callback=None):
     """Fill the hole of `image` (PIL) that `mask` (PIL) marks, white unless options.invert_mask;
-    returns a PIL RGB image of the same size. `callback` as for `sample()`."""
+    returns a PIL RGB image of the same size. `callback` as for `sample()` (`blend()` with
+    options.method "blend")."""
     x, hole = images.prepare(image, mask, options.invert_mask)
     return images.to_pil(inpaint_tensors(x, hole, models, options, callback))
 
@@ -108,16 +105,17 @@ def inpaint_batch(pictures, models, callback=None):
             results[k] = e
             continue
         _, _, _, options, Ey, _ = prepared
-        same = (Ey.shape, options.steps, options.eta, options.guidance, bool(options.prompt))
+        same = (Ey.shape, options.method, options.steps, options.eta, options.guidance, bool(options.prompt))
         batches.setdefault(same, []).append((k, *prepared))
     # One image at a time through the VAE's decoder: its peak memory is one image's (check_memory).
     D = lambda z: torch.cat([models.vae.decode(z_k.to(models.dtype)).float() for z_k in z.split(1)])
     for batch in batches.values():
         ks, boxes, xs, holes, settings, Eys, M_ls = zip(*batch)
         first = settings[0]  # the settings they share
-        x0s = sample(eps_model(models, [s.prompt for s in settings], first.guidance), torch.cat(Eys),
-                     torch.cat(M_ls), D, models.schedule, T=first.steps, eta=first.eta,
-                     seed=[s.seed for s in settings], callback=callback)
+        sampler = blend if first.method == "blend" else sample  # where E(y) enters: z_t, or eq. 5's z_{0|t}
+        x0s = sampler(eps_model(models, [s.prompt for s in settings], first.guidance), torch.cat(Eys),
+                      torch.cat(M_ls), D, models.schedule, T=first.steps, eta=first.eta,
+                      seed=[s.seed for s in settings], callback=callback)
         for k, x0, x, hole, box, options in zip(ks, x0s.split(1), xs, holes, boxes, settings):
             try:
                 result = finish(x0, x, hole, models, options)

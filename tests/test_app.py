@@ -96,6 +96,24 @@ def test_z0_hat_preview_differs_from_z0_only_where_the_latent_is_known(client, e
     assert changed.any() and not changed[~known].any()
 
 
+def test_the_page_offers_the_method_paper_or_blend(client):
+    assert client.get("/options").json()["choices"]["method"] == ["paper", "blend"]
+
+
+def test_a_blend_run_says_its_method_and_streams_the_same_previews(client):
+    (name, start), *rest = run(client, steps=2, method="blend")
+    steps = [data for name, data in rest if name == "step"]
+    assert name == "start" and start["method"] == "blend" and [s["i"] for s in steps] == [0, 1]
+    assert all(picture(s[key]).size == (16, 16) for s in steps for key in ("z0", "z0_hat"))
+
+
+def test_a_blend_runs_second_preview_is_the_blended_z_which_differs_from_z0_in_the_hole_too(client, expected):
+    first, *_ = [data for name, data in run(client, steps=3, method="blend") if name == "step"]
+    changed = (np.asarray(picture(first["z0"]), np.int16) != np.asarray(picture(first["z0_hat"]))).any(-1)
+    known = expected["mask.out.latent_known_dilate2"][0, 0].numpy() == 1
+    assert changed[~known].any()
+
+
 def test_start_carries_the_latent_mask_on_its_8x8_grid(client, expected):
     (name, start), *_ = run(client, steps=1)
     assert name == "start"
@@ -104,7 +122,8 @@ def test_start_carries_the_latent_mask_on_its_8x8_grid(client, expected):
 
 
 @pytest.mark.parametrize("options", [{}, {"seed": 5, "eta": 0.3, "dilate": 1, "latent_mask": "cover",
-                                          "paste_back": "true", "feather": 2, "prompt": "a cat", "guidance": 3}])
+                                          "paste_back": "true", "feather": 2, "prompt": "a cat", "guidance": 3},
+                                     {"method": "blend", "seed": 2}])
 def test_result_is_the_png_the_command_line_writes(client, cli, tmp_path, options):
     *_, (name, done) = run(client, **options)
     flags = {"dilate": "--mask-dilate"}

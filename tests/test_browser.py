@@ -170,6 +170,16 @@ def test_painted_stroke_runs_with_previews_and_downloads_the_command_lines_pictu
     assert (tmp_path / "download.png").read_bytes() == (tmp_path / "cli.png").read_bytes()
 
 
+def test_with_the_blend_chosen_the_second_preview_says_it_shows_the_blended_z(page):
+    open_photo(page)
+    drag(page, [(30, 40), (100, 90)])
+    assert page.text_content("#projection").startswith("ẑ0|t: line 4, eq. 5")  # the paper's, the default
+    page.select_option("select[name=method]", "blend")
+    run(page, steps=2)
+    assert page.text_content("#status").startswith("step 2 of 2")
+    assert page.text_content("#projection").startswith("zt-1, blended")
+
+
 def test_eraser_and_undo_change_the_mask_that_is_sent(page, tmp_path):
     open_photo(page)
     drag(page, [(20, 64), (108, 64)], brush=30)

@@ -65,6 +65,7 @@ def test_runs_and_draws_expected_sizes(ns):
         "eq4": sheet_size(ns, 3, 1, panel),
         "masks": sheet_size(ns, 4, 1, (w * mask_zoom, h * mask_zoom)),  # 128 is a multiple of 8: no padding
         "Ey": sheet_size(ns, 3 + 4, 1, panel),  # y, D(E(y)), D(M_l E(y)), 4 latent channels
+        "projections": sheet_size(ns, 3, 3, panel),  # eq. 4, eq. 5, the blend: each guess, projection and result
         "steps": sheet_size(ns, shown, 2, panel),
         "result": sheet_size(ns, 5, 1, panel),
         "eq4_eq5": sheet_size(ns, 4, 2, (256, 256)),  # DDNM's 256 window: eq. 4 over eq. 5, and each result
@@ -89,6 +90,10 @@ def test_runs_and_draws_expected_sizes(ns):
     assert ns["negative"] > 0  # the printed sigma_t makes a square root imaginary somewhere
     # The dilation exists because of cut cells that count as known without it.
     assert ((ns["cut"]) & (ns["M_l0"] > 0)).any() and not ((ns["cut"]) & (ns["M_l"] > 0)).any()
+
+
+def test_the_blend_runs_every_step_and_ends_on_e_y_where_known(ns):
+    assert len(ns["blend_trace"]) == ns["STEPS"] and ns["blend_known_exact"]
 
 
 def test_without_the_adms_file_ddnm_steps_aside_in_one_line_and_the_rest_runs(monkeypatch):

@@ -127,24 +127,38 @@ def test_options_of_the_papers_method_are_refused_with_ddnm(capsys, data, ddnm_a
     assert not (tmp_path / "out").exists()
 
 
-def test_two_gloo_processes_under_torchrun_write_the_single_runs_bytes(both, data, ddnm_args, tmp_path):
-    out = tmp_path / "out"
+def torchrun(data, out, *args):
+    """table1.py on DATA into OUT, --no-fid, under torchrun: two gloo processes of one thread each.
+    Returns the finished process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(ROOT / "benchmarks" / "table1.py"), "--data", str(data), "--out", str(out),
-                          *ddnm_args, "--no-fid"], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "benchmarks" / "table1.py"), "--data", str(data), "--out", str(out), *args,
+                           "--no-fid"], capture_output=True, text=True, env=env, timeout=300)
+
+
+def results(out, method):
+    """The bytes of each of a method's results in OUT, by name."""
+    return {p.name: p.read_bytes() for p in sorted((out / "inpainted" / method / "hole168").glob("*.png"))}
+
+
+def row_with_fid(capsys, both, data, tmp_path, monkeypatch, *args):
+    """The table's one row when table1.py with `args` reruns a copy of BOTH with FID, from a random Inception."""
+    random_inception_file(monkeypatch, tmp_path / "torch")
+    out = tmp_path / "out"
+    shutil.copytree(both, out)
+    status, _, err = harness(capsys, data, out, *args)
+    assert status == 0, err
+    [row] = json.loads((out / "table1.json").read_text())["rows"]
+    return row
+
+
+def test_two_gloo_processes_under_torchrun_write_the_single_runs_bytes(both, data, ddnm_args, tmp_path):
+    run = torchrun(data, tmp_path / "out", *ddnm_args)
     assert run.returncode == 0, run.stderr[-2000:]
-    for name in ("0000_a.png", "0001_b.png"):
-        result = out / "inpainted" / "ddnm" / "hole168" / name
-        assert result.read_bytes() == (both / "inpainted" / "ddnm" / "hole168" / name).read_bytes()
+    assert results(tmp_path / "out", "ddnm") == results(both, "ddnm") and len(results(both, "ddnm")) == 2
 
 
 @needs_fidelity
 def test_fid_of_both_methods_is_measured(capsys, both, data, ddnm_args, tmp_path, monkeypatch):
-    random_inception_file(monkeypatch, tmp_path / "torch")
-    out = tmp_path / "out"
-    shutil.copytree(both, out)
-    status, stdout, err = harness(capsys, data, out, *ddnm_args)
-    assert status == 0, err
-    [row] = json.loads((out / "table1.json").read_text())["rows"]
+    row = row_with_fid(capsys, both, data, tmp_path, monkeypatch, *ddnm_args)
     assert np.isfinite(row["fid"]) and np.isfinite(row["ddnm_fid"]) and row["fid"] != row["ddnm_fid"]
