@@ -88,8 +88,8 @@ class PackedConv1d(nn.Conv1d):
     is over the channels: the same values, handed back as a (B, C, N) view of the (B, N, C) result.
     That layout is the gain: the ADM's q, k and v, cut from qkv's channels, then have unit stride
     in their last dimension, which PyTorch's CPU flash attention needs; without it SDPA takes its
-    math path. At the ADM's 32x32 (512 channels), contended 2-core Xeon with AMX, float32: qkv
-    36 -> 19 ms, attention 112 -> 22 ms; at 16x16 (1024): 36 -> 21 and 60 -> 4 ms."""
+    math path. At the ADM's 32x32 (512 channels), on a 2-core Xeon with AMX (machine G), float32:
+    qkv 10.0 -> 6.3 ms, attention 45.6 -> 10.8 ms; at 16x16 (1024): 6.2 -> 6.0 and 2.8 -> 1.6 ms."""
 
     def forward(self, x):
         return torch.ops.mkldnn._linear_pointwise(
@@ -140,7 +140,10 @@ def packs(part, dtype):
       AMX (machine F), took 0.70-0.75 of the plain time in float32 and 0.72 in bfloat16, 0.88 under
       AVX2 kernels; on AMX machines 0.82 in bfloat16 and 0.97 in float32.
     - The VAE, only with AMX, where it was packed with the UNet when bfloat16 reached 0.40 of
-      diffusers' time; on machine F packing made it slower: encode 1.09, decode 1.06 of plain."""
+      diffusers' time; on machine F packing made it slower: encode 1.09, decode 1.06 of plain.
+    - DDNM's ADM, as the SD UNet: one call at 256 px on a 2-core Xeon with AMX (machine G) took
+      0.87 of the plain time in float32 (0.94 under AVX2 kernels) and 0.56 in bfloat16; the SD
+      UNet's float32 step took 0.82 in the same run (`benchmarks/ddnm_speed.py`)."""
     return can_pack(dtype) and (part in ("unet", "adm") or has_amx())
 
 

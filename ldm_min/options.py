@@ -15,7 +15,7 @@ LATENT_METHODS = ("paper", "blend")
 # The seeds torch.Generator.manual_seed takes: 64-bit unsigned (it wraps a negative one round to 2^64 + seed,
 # another seed's picture).
 SEEDS = range(2**64)
-TRAVEL_REPEATS = range(1, 11)  # RePaint's jump_n_sample (its r) goes up to 10; hq demo's is 3
+TRAVEL_REPEATS = range(1, 11)  # RePaint's setting: jump_n_sample (its r) 10; hq demo's 3; more multiplies the calls
 
 
 def check_seed(seed):

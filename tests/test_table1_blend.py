@@ -9,7 +9,8 @@ from PIL import Image
 
 from ldm_min import Options, inpaint
 from test_table1 import needs_fidelity, one_thread  # noqa: F401 (a fixture)
-from test_table1_ddnm import COMMON, TINY, data, harness, mtimes, results, row_with_fid, table1, torchrun  # noqa: F401
+from test_table1_ddnm import (COMMON, TINY, data, harness, rerun_changes_nothing, results, row_with_fid,  # noqa: F401
+                              table1, torchrun)
 
 OURS = ["--weights", str(TINY), "--steps", "2", *COMMON]
 BLEND = ["--method", "blend", *OURS]
@@ -53,12 +54,7 @@ def test_the_table_shows_the_blend_measured_beside_ours_and_the_papers_rows(caps
 
 
 def test_a_blend_rerun_does_no_work_and_leaves_ours_alone(capsys, both, data, tmp_path):
-    out = tmp_path / "out"
-    shutil.copytree(both, out)
-    before = mtimes(out)
-    status, _, err = harness(capsys, data, out, *BLEND, "--no-fid")
-    assert status == 0, err
-    assert mtimes(out) == before
+    assert rerun_changes_nothing(capsys, both, data, tmp_path, *BLEND)
 
 
 def test_the_blend_with_other_options_than_ours_in_the_same_out_is_refused(capsys, both, data, tmp_path):
