@@ -13,9 +13,16 @@ on every part, the convolutions packed too (shown where it differs from ldm_min'
 it all again under each `ONEDNN_MAX_CPU_ISA` level, the kernels of a lesser CPU. End-to-end runs
 of a few steps are no evidence for a per-step rule: the VAE and the first calls dominate them.
 
-diffusers is never a dependency of ldm_min: install it in a throwaway virtual environment (beside
-this project's requirements) to get the comparison. Without it, only ldm_min's figures print.
-Compare only figures from one run: machines, and the load on one machine, differ.
+On a CPU, `openvino` is the engine CPU users pick (FastSD CPU and optimum-intel run on it): diffusers'
+UNet and VAE, holding the same weights, converted by `openvino.convert_model` at the run's static
+shapes and compiled for one stream of latency with torch's thread count and an explicit
+INFERENCE_PRECISION_HINT, the run's dtype (OpenVINO itself would pick bfloat16 on any CPU with
+AVX512-BF16). It converts float32 weights (the bfloat16 ones upcast), and takes float32 inputs.
+
+diffusers and OpenVINO are never dependencies of ldm_min: install them in a throwaway path (beside
+this project's requirements, e.g. `pip install --target DIR diffusers openvino`, then PYTHONPATH=DIR)
+to get the comparison. Without them, only ldm_min's figures print. Compare only figures from one
+run: machines, and the load on one machine, differ.
 """
 import argparse
 import copy
@@ -51,6 +58,48 @@ def diffusers_twins(models):
         theirs.load_state_dict(ours.state_dict(), strict=True, assign=True)
         twins.append(theirs.requires_grad_(False).eval())
     return twins
+
+
+class Output(torch.nn.Module):
+    """A diffusers module's call returning the one tensor OpenVINO's converter is to follow."""
+
+    def __init__(self, call):
+        super().__init__()
+        self.call = call
+
+    def forward(self, *args):
+        return self.call(*args)
+
+
+def openvino_calls(twins, inputs, dtype):
+    """part -> a call of OpenVINO's compiled twin of that part on `inputs` (part -> its float32
+    input tensors), or {} when OpenVINO is not installed. How far each output is from the float32
+    twin's goes to stderr: the engine is timed on the same function."""
+    try:
+        import openvino
+    except ImportError:
+        return {}
+    unet, vae = (copy.deepcopy(twin).float() for twin in twins)  # float32 weights to convert, also from bfloat16
+    modules = {"UNet step": Output(lambda z, t, c: unet(z, t, encoder_hidden_states=c).sample),
+               "VAE encode": Output(lambda x: vae.encode(x).latent_dist.mean),
+               "VAE decode": Output(lambda z: vae.decode(z).sample)}
+    config = {"INFERENCE_PRECISION_HINT": {torch.float32: "f32", torch.bfloat16: "bf16"}[dtype],
+              "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": str(torch.get_num_threads())}
+    core, calls = openvino.Core(), {}
+    for part, module in modules.items():
+        example = inputs[part]
+        model = openvino.convert_model(module, example_input=example)
+        for port, tensor in zip(model.inputs, example):  # static shapes: the run's own
+            port.get_node().set_partial_shape(openvino.PartialShape(list(tensor.shape)))
+        model.validate_nodes_and_infer_types()
+        request = core.compile_model(model, "CPU", config).create_infer_request()
+        arrays = [tensor.numpy() for tensor in example]
+        calls[part] = lambda request=request, arrays=arrays: request.infer(arrays)
+        expected = module(*example)
+        off = (torch.from_numpy(calls[part]()[0]) - expected).norm() / expected.norm()
+        print(f"openvino {str(dtype).removeprefix('torch.')} {part}: {off:.1e} of the norm from diffusers' "
+              f"float32 output", file=sys.stderr)
+    return calls
 
 
 def plain_and_sped_up(device, dtype):
@@ -91,6 +140,11 @@ def parts(sides, twins, size):
         calls["UNet step"]["diffusers"] = lambda: unet(z, t, encoder_hidden_states=context).sample
         calls["VAE encode"]["diffusers"] = lambda: vae.encode(x).latent_dist.mean
         calls["VAE decode"]["diffusers"] = lambda: vae.decode(z / models.vae.scaling_factor).sample
+        if models.device.type == "cpu":
+            inputs = {"UNet step": (z.float(), t, context.float()), "VAE encode": (x.float(),),
+                      "VAE decode": ((z / models.vae.scaling_factor).float(),)}
+            for part, call in openvino_calls(twins, inputs, models.dtype).items():
+                calls[part]["openvino"] = call
     return calls
 
 
@@ -169,14 +223,15 @@ def main(argv=None):
         cpu = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "")
         print(f"{cpu}; {torch.get_num_threads()} threads; native bf16: {', '.join(native) or 'none'}; "
               f"oneDNN level {os.environ.get('ONEDNN_MAX_CPU_ISA', 'native')}; torch {torch.__version__}")
-    print("| part | dtype | plain | ldm_min | packed | diffusers | ldm_min / plain | ldm_min / diffusers |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print("| part | dtype | plain | ldm_min | packed | diffusers | openvino | ldm_min / plain | ldm_min / diffusers "
+          "| ldm_min / openvino |\n|---|---|---|---|---|---|---|---|---|---|")
     for dtype in args.dtype.split(","):
         for name, times in compare(device, getattr(torch, dtype), args.size, args.repeat):
             shown = lambda side: seconds(times[side]) if side in times else "-"
             print(f"| {name} | {dtype} | {shown('plain')} | {shown('ldm_min')} | {shown('packed')} | "
-                  f"{shown('diffusers')} | {ratio(times['ldm_min'], times.get('plain'))} | "
-                  f"{ratio(times['ldm_min'], times.get('diffusers'))} |", flush=True)
+                  f"{shown('diffusers')} | {shown('openvino')} | {ratio(times['ldm_min'], times.get('plain'))} | "
+                  f"{ratio(times['ldm_min'], times.get('diffusers'))} | {ratio(times['ldm_min'], times.get('openvino'))} |",
+                  flush=True)
 
 
 if __name__ == "__main__":
