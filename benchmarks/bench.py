@@ -16,6 +16,7 @@ weights, which ldm_min's must not pass either), and how far the UNet's output in
 is from float32 on the same input and weights.
 """
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -102,6 +103,18 @@ def random_models(configs, device, dtype, compile):
     torch.manual_seed(0)
     modules = {part: randomize(m.to(dtype).to_empty(device=device)) for part, m in modules.items()}
     return assemble(modules, CLIPTokenizer.from_pretrained(TOKENIZER), configs, device, dtype, compile)
+
+
+@contextlib.contextmanager
+def speed_ups(on):
+    """Models loaded inside are as ldm_min loads them (on), or plain: none of fast.py's CPU speed-ups."""
+    can_pack = fast.can_pack
+    if not on:
+        fast.can_pack = lambda dtype: False  # what the loaders ask before they pack anything
+    try:
+        yield
+    finally:
+        fast.can_pack = can_pack
 
 
 class Timed:

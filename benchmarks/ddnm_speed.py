@@ -26,8 +26,6 @@ as built, and `as loaded`, both with the CPU speed-ups that ldm_min/fast.py appl
 loaded, alternating, best of --repeat: the SD UNet at 64x64 latents, the ADM at 256 px.
 """
 import argparse
-import contextlib
-import copy
 import gc
 import json
 import statistics
@@ -40,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench import demo_picture, randomize, random_models, sync  # noqa: E402
+from bench import demo_picture, randomize, random_models, speed_ups, sync  # noqa: E402
 from ldm_min import Options, ddnm, fast, images, inpaint  # noqa: E402
 from ldm_min.adm import ADM  # noqa: E402
 from ldm_min.options import DdnmOptions  # noqa: E402
@@ -51,6 +49,7 @@ from weights import adm_config, load_adm, load_models, pick_device, read_configs
 ADM_KEYS = ROOT / "tests" / "adm256_uncond_keys.tsv"  # every tensor of 256x256_diffusion_uncond.pt, with its shape
 PAPER_SECONDS = {"paper": 3.0, "ddnm": 100.0}  # the paper, RTX 4080: about 3 s and 1 min 40 s an image
 REDUCED_STEPS = {"paper": 2, "ddnm": 1}
+SIDES = ("plain", "as loaded")  # both models as built, and both with the CPU speed-ups
 
 
 def parse_args(argv=None):
@@ -75,18 +74,6 @@ def random_adm(device, dtype):
         model = ADM(adm_config({name: json.loads(shape) for name, shape in rows}, ADM_KEYS))
     torch.manual_seed(0)
     return fast.speed_up_adm(randomize(model.to(dtype).to_empty(device=device)))
-
-
-@contextlib.contextmanager
-def speed_ups(on):
-    """Models loaded inside are as ldm_min loads them (on), or plain: none of fast.py's CPU speed-ups."""
-    can_pack = fast.can_pack
-    if not on:
-        fast.can_pack = lambda dtype: False  # what the loaders ask before they pack anything
-    try:
-        yield
-    finally:
-        fast.can_pack = can_pack
 
 
 def sd_models(args, device, dtype):
@@ -175,8 +162,6 @@ def unet_calls_both_ways(args, device, dtype):
         gc.collect()
     return best
 
-
-SIDES = ("plain", "as loaded")
 
 
 @torch.no_grad()

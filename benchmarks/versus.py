@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench import PAPER_STEPS, random_models, sync  # noqa: E402
+from bench import PAPER_STEPS, random_models, speed_ups, sync  # noqa: E402
 from ldm_min import fast  # noqa: E402
 from weights import read_configs  # noqa: E402
 
@@ -106,10 +106,8 @@ def plain_and_sped_up(device, dtype):
     """side -> Models: `plain` as built; on a CPU where oneDNN packs, `ldm_min` as loaded (fast.speed_up)
     and, where fast.packs leaves the VAE's convolutions plain, `packed` with them packed too. Each side
     holds a copy of the plain weights; `packed` shares ldm_min's UNet, which is packed."""
-    can_pack = fast.can_pack
-    fast.can_pack = lambda dtype: False  # random_models ends in fast.speed_up: here, with no CPU speed-up
-    sides = {"plain": random_models(read_configs(), device, dtype, compile=False)}
-    fast.can_pack = can_pack
+    with speed_ups(False):  # random_models ends in fast.speed_up: here, with no CPU speed-up
+        sides = {"plain": random_models(read_configs(), device, dtype, compile=False)}
     if device.type != "cpu" or not fast.can_pack(dtype):
         return {"ldm_min": fast.speed_up(sides["plain"])}
     sides["ldm_min"] = fast.speed_up(copy.deepcopy(sides["plain"]))

@@ -216,7 +216,8 @@ def speed_up_adm(model):
     says, its convolutions too, on channels-last feature maps. Its attention keeps SDPA."""
     weight = next(model.parameters())
     if weight.device.type == "cpu" and can_pack(weight.dtype):
-        pack(model, packs("adm", weight.dtype))
-        if packs("adm", weight.dtype):
+        convolutions = packs("adm", weight.dtype)
+        pack(model, convolutions)
+        if convolutions:
             channels_last_inside(model)
     return model
