@@ -8,36 +8,43 @@ import torch
 from torch import nn
 
 from .layers import Attention, Upsample
+from .unet import GEGLU
 
 # glibc keeps freed heap memory for reuse, and only malloc_trim hands it back to the system.
 malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform == "linux" else None
 
 
-class PackedConv2d(nn.Conv2d):
-    """A CPU convolution whose weights oneDNN lays out for its kernels once, at the first call, and
-    not again at every call as `F.conv2d` does. On channels-last feature maps it computes exactly
-    what `nn.Conv2d` computes, and its state dict holds the plain weights. It pays most where the
-    weights outweigh the feature maps: a 1280-wide 3x3 convolution at 8x8 took 5.8 -> 1.4 ms in
-    bfloat16, and 26 -> 6.5 ms in float32."""
+class PackedWeight:
+    """A module whose `weight` oneDNN lays out for its kernels once, at the first call (`pack_weight`),
+    while its state dict still holds the plain weights."""
 
-    def forward(self, x):
-        if not self.weight.is_mkldnn:
-            # Laid out for this input's size, which picks the kernel: packed without it, a float32
-            # 512x512 UNet step took 3.9 s, against 3.1 (and 4.3 unpacked).
-            packed = torch.ops.mkldnn._reorder_convolution_weight(
-                self.weight.detach(), self.padding, self.stride, self.dilation, self.groups, x.shape)
-            self.weight = nn.Parameter(packed, requires_grad=False)
-            if malloc_trim:
-                # The plain weights are freed now, but glibc would keep most of them, and the VAE
-                # decoder's large maps do not reuse that memory: bfloat16 peaked 0.3 GiB higher.
-                malloc_trim(0)
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], "")
+    def pack_weight(self, packed):
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        if malloc_trim:
+            # The plain weights are freed now, but glibc would keep most of them, and the VAE
+            # decoder's large maps do not reuse that memory: bfloat16 peaked 0.3 GiB higher.
+            malloc_trim(0)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.weight.is_mkldnn:
             destination[prefix + "weight"] = self.weight.to_dense()
+
+
+class PackedConv2d(PackedWeight, nn.Conv2d):
+    """A CPU convolution whose weights oneDNN lays out for its kernels once, at the first call, and
+    not again at every call as `F.conv2d` does. On channels-last feature maps it computes exactly
+    what `nn.Conv2d` computes. It pays most where the weights outweigh the feature maps: a
+    1280-wide 3x3 convolution at 8x8 took 5.8 -> 1.4 ms in bfloat16, and 26 -> 6.5 ms in float32."""
+
+    def forward(self, x):
+        if not self.weight.is_mkldnn:
+            # Laid out for this input's size, which picks the kernel: packed without it, a float32
+            # 512x512 UNet step took 3.9 s, against 3.1 (and 4.3 unpacked).
+            self.pack_weight(torch.ops.mkldnn._reorder_convolution_weight(
+                self.weight.detach(), self.padding, self.stride, self.dilation, self.groups, x.shape))
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], "")
 
 
 # In one dimension, nearest 2x upsampling then a 3-tap convolution (padding 1) makes output 2i from
@@ -72,15 +79,49 @@ class PackedUpsample(Upsample):
             x, self.transposed, self.conv.bias, *TRANSPOSED.values(), "none", [], "")
 
 
-class PackedLinear(nn.Linear):
+def rows(x):
+    """The rows of the matrix product a linear layer makes of `x`: oneDNN lays its weights out for them."""
+    return x.numel() // x.shape[-1]
+
+
+class PackedLinear(PackedWeight, nn.Linear):
     """A linear layer computed by oneDNN, the library of the CPU convolutions, rather than by the
-    BLAS that `F.linear` calls in float32 (MKL), which runs its AVX2 kernels on AMD CPUs. The same
-    result (equal bits in every shape tried); on one core of the AMD EPYC (machine F), float32, the
-    UNet's 4096x320 -> 320 product took 80 -> 234 GFLOP/s, and under AVX2 kernels 98 -> 114.
-    In bfloat16 both are oneDNN's: even, but for the feed-forward's 320 -> 2560 (369 -> 461)."""
+    BLAS that `F.linear` calls in float32 (MKL), which runs its AVX2 kernels on AMD CPUs, with its
+    weights laid out once, at the first call, for that call's rows. The same result (equal bits in
+    every shape tried). On one core of the AMD EPYC (machine F), float32, the UNet's 4096x320 -> 320
+    product took 80 -> 234 GFLOP/s, and under AVX2 kernels 98 -> 114. Laid out once, on both cores
+    of a Zen 4 EPYC (machine I), bfloat16: 380 -> 442 GFLOP/s there, 4096x320 -> 2560 368 -> 422."""
 
     def forward(self, x):
+        if not self.weight.is_mkldnn:
+            self.pack_weight(torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), rows(x)))
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+class FusedGEGLU(GEGLU):
+    """The feed-forward's gated GELU as two oneDNN linears, each half of `proj` with its weights laid
+    out once: the gate's with GELU applied to its result inside the product, the value's with its
+    result multiplied by the gate there too. So the 8x-wide product, the GELU and the product of the
+    halves never cross memory on their own. The state dict still holds `proj`. On both cores of a
+    Zen 4 EPYC (machine I), at 4096 tokens of 320: bfloat16 21.8 -> 18.1 ms, and nearer float32
+    (2.3e-3 of the norm from it, against 3.4e-3); float32 52.1 -> 34.7 ms."""
+
+    def forward(self, x):
+        if not hasattr(self, "gate"):
+            halves = zip(self.proj.weight.detach().chunk(2), self.proj.bias.detach().chunk(2))
+            (self.value, self.value_bias), (self.gate, self.gate_bias) = (
+                (torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows(x)), b.contiguous()) for w, b in halves)
+            del self.proj
+            if malloc_trim:
+                malloc_trim(0)  # the plain weights, as in PackedWeight
+        gate = torch.ops.mkldnn._linear_pointwise(x, self.gate, self.gate_bias, "gelu", [], "none")  # "none": erf
+        return torch.ops.mkldnn._linear_pointwise.binary(x, gate, self.value, self.value_bias, "mul")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if hasattr(self, "gate"):
+            destination[prefix + "proj.weight"] = torch.cat([self.value.to_dense(), self.gate.to_dense()])
+            destination[prefix + "proj.bias"] = torch.cat([self.value_bias, self.gate_bias])
 
 
 class PackedConv1d(nn.Conv1d):
@@ -96,27 +137,30 @@ class PackedConv1d(nn.Conv1d):
             x.transpose(1, 2), self.weight[..., 0], self.bias, "none", [], "").transpose(1, 2)
 
 
-QUERIES = 128  # a block's scores, 128 x 4096 in bfloat16, stay in a core's 1-2 MiB of L2 cache
+QUERIES = 128  # a block's scores for each thread, 128 x 4096 in bfloat16, stay in a core's 1-2 MiB of L2 cache
 
 
 class BlockedAttention(Attention):
-    """Self-attention as two oneDNN matrix products for each head and block of QUERIES queries,
-    rather than PyTorch's CPU flash attention. On one core of the AMD EPYC (machine F), bfloat16:
-    8 heads x 4096 tokens x 40 (the UNet at 64x64) 67 -> 151 GFLOP/s, 8 x 1024 x 80: 81 -> 169.
-    Not in float32 there: 69 -> 108 with AVX-512 kernels, but slower with AVX2 ones (74 -> 65).
-    Cross-attention, over the text's 77 tokens, gains nothing and keeps the fused kernel."""
+    """Self-attention as two oneDNN matrix products for each head and block of queries, QUERIES for
+    each of torch's threads (the products share a block's rows among them), rather than PyTorch's CPU
+    flash attention. bfloat16, 8 heads x 4096 tokens x 40 (the UNet at 64x64): on one core of the
+    AMD EPYC (machine F) 67 -> 151 GFLOP/s, 8 x 1024 x 80: 81 -> 169; on both cores of a Zen 4 EPYC
+    (machine I) 124 -> 175 GFLOP/s, where blocks of 128 queries, half a block a thread, gave 160,
+    and on one of its cores 128 and 256 gave the same. Not in float32 on machine F: 69 -> 108 with
+    AVX-512 kernels, but slower with AVX2 ones (74 -> 65). Cross-attention, over the text's 77
+    tokens, gains nothing and keeps the fused kernel."""
 
     def attend(self, q, k, v):
         if k.shape[-2] != q.shape[-2]:
             return super().attend(q, k, v)
-        out = torch.empty_like(q)
+        out, block = torch.empty_like(q), QUERIES * torch.get_num_threads()
         for b in range(q.shape[0]):
             for h in range(q.shape[1]):
                 keys = (k[b, h] * q.shape[-1] ** -0.5).contiguous()  # the rows of the product's weight
                 values = v[b, h].t().contiguous()
-                for i in range(0, q.shape[2], QUERIES):
-                    scores = torch.ops.mkldnn._linear_pointwise(q[b, h, i:i + QUERIES], keys, None, "none", [], "")
-                    out[b, h, i:i + QUERIES] = torch.ops.mkldnn._linear_pointwise(
+                for i in range(0, q.shape[2], block):
+                    scores = torch.ops.mkldnn._linear_pointwise(q[b, h, i:i + block], keys, None, "none", [], "")
+                    out[b, h, i:i + block] = torch.ops.mkldnn._linear_pointwise(
                         scores.softmax(-1), values, None, "none", [], "")
         return out
 
@@ -169,6 +213,8 @@ def pack(module, convolutions, attention=False):
     for m in module.modules():
         if type(m) is Attention and attention:
             m.__class__ = BlockedAttention
+        elif type(m) is GEGLU:
+            m.__class__ = FusedGEGLU  # its proj, a linear, is never called then
         elif type(m) is nn.Linear:
             m.__class__ = PackedLinear  # same parameters, another forward
         elif type(m) is nn.Conv2d and convolutions:

@@ -8,6 +8,7 @@ from torch import nn
 
 from ldm_min import fast
 from ldm_min.layers import Attention, Upsample
+from ldm_min.unet import GEGLU
 from weights import adm_config, build, load_adm, read_configs
 
 TINY = Path(__file__).parent / "golden" / "tiny-sd"
@@ -60,7 +61,9 @@ def test_packed_convolution_takes_other_sizes_than_its_first():
 @pytest.mark.parametrize("module, packed, shape", [
     (lambda: nn.Conv2d(8, 12, 3, padding=1), fast.PackedConv2d, (1, 8, 6, 6)),
     (lambda: Upsample(8), fast.PackedUpsample, (1, 8, 4, 4)),
-], ids=["convolution", "upsampling"])
+    (lambda: nn.Linear(8, 12), fast.PackedLinear, (1, 5, 8)),
+    (lambda: GEGLU(8, 32), fast.FusedGEGLU, (1, 5, 8)),
+], ids=["convolution", "upsampling", "linear", "gated GELU"])
 def test_a_packed_module_saves_its_plain_weights(module, packed, shape):
     module = module()
     expected = {k: v.clone() for k, v in module.state_dict().items()}
@@ -103,7 +106,30 @@ def test_packed_linear_is_the_linear(dtype, shape, bias, agree):
         expected = linear(x)
         linear.__class__ = fast.PackedLinear
         out = linear(x)
+    assert linear.weight.is_mkldnn  # laid out by that first call
     assert out.shape == expected.shape and agree(out, expected)
+
+
+@packing(torch.float32)
+def test_packed_linear_takes_other_rows_than_its_first():
+    linear, first, other = nn.Linear(24, 40), torch.randn(1, 77, 24), torch.randn(2, 77, 24)  # guidance's batch
+    with torch.no_grad():
+        expected = linear(other)
+        linear.__class__ = fast.PackedLinear
+        linear(first)
+        assert torch.allclose(linear(other), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_gated_gelu_is_the_gated_gelu(dtype, agree):
+    torch.manual_seed(0)
+    geglu, first, other = GEGLU(32, 128).to(dtype), torch.randn(1, 50, 32).to(dtype), torch.randn(2, 9, 32).to(dtype)
+    with torch.no_grad():
+        expected = geglu(first), geglu(other)
+        geglu.__class__ = fast.FusedGEGLU
+        out = geglu(first), geglu(other)  # laid out for the first's rows, right for any
+    assert geglu.gate.is_mkldnn and not hasattr(geglu, "proj")  # the fused path ran, the plain weights gone
+    assert all(agree(a, b) for a, b in zip(out, expected))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
