@@ -138,30 +138,36 @@ class PackedConv1d(nn.Conv1d):
 
 
 QUERIES = 128  # a block's scores for each thread, 128 x 4096 in bfloat16, stay in a core's 1-2 MiB of L2 cache
+LANES = 16  # float32 sums in an AVX-512 register: oneDNN's products run fastest on columns in multiples of it
 
 
 class BlockedAttention(Attention):
     """Self-attention as two oneDNN matrix products for each head and block of queries, QUERIES for
     each of torch's threads (the products share a block's rows among them), rather than PyTorch's CPU
-    flash attention. bfloat16, 8 heads x 4096 tokens x 40 (the UNet at 64x64): on one core of the
-    AMD EPYC (machine F) 67 -> 151 GFLOP/s, 8 x 1024 x 80: 81 -> 169; on both cores of a Zen 4 EPYC
-    (machine I) 124 -> 175 GFLOP/s, where blocks of 128 queries, half a block a thread, gave 160,
-    and on one of its cores 128 and 256 gave the same. Not in float32 on machine F: 69 -> 108 with
-    AVX-512 kernels, but slower with AVX2 ones (74 -> 65). Cross-attention, over the text's 77
-    tokens, gains nothing and keeps the fused kernel."""
+    flash attention. The values get zero columns up to a multiple of LANES, which the second product
+    computes and drops: 40 -> 48 at the UNet's 64x64 took its attention 125 -> 112 ms. bfloat16,
+    8 heads x 4096 tokens x 40 (the UNet at 64x64): on one core of the AMD EPYC (machine F)
+    67 -> 151 GFLOP/s, 8 x 1024 x 80: 81 -> 169; on both cores of a Zen 4 EPYC (machine I)
+    124 -> 175 GFLOP/s, where blocks of 128 queries, half a block a thread, gave 160, and on one of
+    its cores 128 and 256 gave the same; then 191 with the zero columns. Not in float32: on
+    machine F 69 -> 108 with AVX-512 kernels but slower with AVX2 ones (74 -> 65), and a float32
+    step on machine I took 1.03 of the flash attention's time. Cross-attention, over the text's
+    77 tokens, gains nothing and keeps the fused kernel."""
 
     def attend(self, q, k, v):
         if k.shape[-2] != q.shape[-2]:
             return super().attend(q, k, v)
+        d = q.shape[-1]
         out, block = torch.empty_like(q), QUERIES * torch.get_num_threads()
         for b in range(q.shape[0]):
             for h in range(q.shape[1]):
-                keys = (k[b, h] * q.shape[-1] ** -0.5).contiguous()  # the rows of the product's weight
-                values = v[b, h].t().contiguous()
+                keys = (k[b, h] * d ** -0.5).contiguous()  # the rows of the product's weight
+                values = v.new_zeros(-(-d // LANES) * LANES, k.shape[-2])
+                values[:d] = v[b, h].t()
                 for i in range(0, q.shape[2], block):
                     scores = torch.ops.mkldnn._linear_pointwise(q[b, h, i:i + block], keys, None, "none", [], "")
                     out[b, h, i:i + block] = torch.ops.mkldnn._linear_pointwise(
-                        scores.softmax(-1), values, None, "none", [], "")
+                        scores.softmax(-1), values, None, "none", [], "")[:, :d]
         return out
 
 
