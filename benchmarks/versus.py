@@ -30,6 +30,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,28 +62,41 @@ def diffusers_twins(models):
 
 
 class Output(torch.nn.Module):
-    """A diffusers module's call returning the one tensor OpenVINO's converter is to follow."""
+    """A diffusers module, held so that exporters see its weights, and a call of it returning the one tensor
+    they are to follow."""
 
-    def __init__(self, call):
+    def __init__(self, module, call):
         super().__init__()
-        self.call = call
+        self.module, self.call = module, call
 
     def forward(self, *args):
-        return self.call(*args)
+        return self.call(self.module, *args)
 
 
-def openvino_calls(twins, inputs, dtype):
-    """part -> a call of OpenVINO's compiled twin of that part on `inputs` (part -> its float32
-    input tensors), or {} when OpenVINO is not installed. How far each output is from the float32
-    twin's goes to stderr: the engine is timed on the same function."""
+def float32_modules(twins):
+    """part -> diffusers' float32 module of that part: what OpenVINO and ONNX Runtime convert (float32
+    weights, upcast for a bfloat16 run)."""
+    unet, vae = (twin if twin.dtype == torch.float32 else copy.deepcopy(twin).float() for twin in twins)
+    return {"UNet step": Output(unet, lambda m, z, t, c: m(z, t, encoder_hidden_states=c).sample),
+            "VAE encode": Output(vae, lambda m, x: m.encode(x).latent_dist.mean),
+            "VAE decode": Output(vae, lambda m, z: m.decode(z).sample)}
+
+
+def report(engine, dtype, part, output, expected):
+    """How far an engine's output is from diffusers' float32 one, to stderr: the engines are timed on the
+    same function."""
+    off = (output - expected).norm() / expected.norm()
+    print(f"{engine} {str(dtype).removeprefix('torch.')} {part}: {off:.1e} of the norm from diffusers' float32 "
+          f"output", file=sys.stderr)
+
+
+def openvino_calls(modules, inputs, dtype):
+    """part -> a call of OpenVINO's compiled twin of that part on `inputs` (part -> its float32 input
+    tensors), or {} when OpenVINO is not installed."""
     try:
         import openvino
     except ImportError:
         return {}
-    unet, vae = (copy.deepcopy(twin).float() for twin in twins)  # float32 weights to convert, also from bfloat16
-    modules = {"UNet step": Output(lambda z, t, c: unet(z, t, encoder_hidden_states=c).sample),
-               "VAE encode": Output(lambda x: vae.encode(x).latent_dist.mean),
-               "VAE decode": Output(lambda z: vae.decode(z).sample)}
     config = {"INFERENCE_PRECISION_HINT": {torch.float32: "f32", torch.bfloat16: "bf16"}[dtype],
               "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": str(torch.get_num_threads())}
     core, calls = openvino.Core(), {}
@@ -95,10 +109,34 @@ def openvino_calls(twins, inputs, dtype):
         request = core.compile_model(model, "CPU", config).create_infer_request()
         arrays = [tensor.numpy() for tensor in example]
         calls[part] = lambda request=request, arrays=arrays: request.infer(arrays)
-        expected = module(*example)
-        off = (torch.from_numpy(calls[part]()[0]) - expected).norm() / expected.norm()
-        print(f"openvino {str(dtype).removeprefix('torch.')} {part}: {off:.1e} of the norm from diffusers' "
-              f"float32 output", file=sys.stderr)
+        report("openvino", dtype, part, torch.from_numpy(calls[part]()[0]), module(*example))
+    return calls
+
+
+def onnxruntime_calls(modules, inputs, dtype):
+    """part -> a call of ONNX Runtime's session of that part on `inputs`, or {} when ONNX Runtime is not
+    installed or `dtype` is not float32 (its x86 CPU kernels have no bfloat16 convolutions). Each part
+    is exported by `torch.onnx.export` at its static shapes, with its weights in a file beside it (the
+    UNet passes protobuf's 2 GiB), and run with every graph optimisation and torch's thread count."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return {}
+    if dtype != torch.float32:
+        return {}
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+    calls = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for part, module in modules.items():
+            path = str(Path(folder) / f"{part.replace(' ', '_')}.onnx")
+            example = inputs[part]
+            torch.onnx.export(module, example, path, dynamo=True, external_data=True, verbose=False)
+            session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            feed = {port.name: tensor.numpy() for port, tensor in zip(session.get_inputs(), example)}
+            calls[part] = lambda session=session, feed=feed: session.run(None, feed)
+            report("onnxruntime", dtype, part, torch.from_numpy(calls[part]()[0]), module(*example))
     return calls
 
 
@@ -141,8 +179,10 @@ def parts(sides, twins, size):
         if models.device.type == "cpu":
             inputs = {"UNet step": (z.float(), t, context.float()), "VAE encode": (x.float(),),
                       "VAE decode": ((z / models.vae.scaling_factor).float(),)}
-            for part, call in openvino_calls(twins, inputs, models.dtype).items():
-                calls[part]["openvino"] = call
+            modules = float32_modules(twins)
+            for engine, made in (("openvino", openvino_calls), ("onnxruntime", onnxruntime_calls)):
+                for part, call in made(modules, inputs, models.dtype).items():
+                    calls[part][engine] = call
     return calls
 
 
@@ -203,33 +243,47 @@ def ratio(a, b):
     return f"{a / b:.2f}" if a and b else "-"
 
 
+SIDES = ("plain", "ldm_min", "packed", "diffusers", "openvino", "onnxruntime")
+AGAINST = ("plain", "diffusers", "openvino", "onnxruntime")  # the ratios printed: ldm_min / each
+
+
+def machine():
+    """The first line: the CPU (its model, family and native bfloat16 instructions, the class its figures
+    hold for), torch's threads and oneDNN's level; or the GPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return f"{torch.cuda.get_device_name()}; torch {torch.__version__}"
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    field = lambda key: next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith(key)), "?")
+    native = [f for f in ("avx512_bf16", "amx_bf16") if f in info.split()]
+    return (f"{field('model name')} (cpu family {field('cpu family')}); {torch.get_num_threads()} threads; native bf16: "
+            f"{', '.join(native) or 'none'}; oneDNN level {os.environ.get('ONEDNN_MAX_CPU_ISA', 'native')}; "
+            f"torch {torch.__version__}")
+
+
 def main(argv=None):
     args = parse_args(argv)
-    if args.isa:  # oneDNN reads its level once, at start: a process for each
-        for level in args.isa.split(","):
-            print(f"\nONEDNN_MAX_CPU_ISA={level}", flush=True)
-            subprocess.run([sys.executable, __file__, "--device", args.device, "--dtype", args.dtype,
-                            "--size", str(args.size), "--repeat", str(args.repeat)],
-                           env={**os.environ, "ONEDNN_MAX_CPU_ISA": level}, check=True)
+    dtypes = args.dtype.split(",")
+    if args.isa or len(dtypes) > 1:
+        # oneDNN reads its level once, at start; and one dtype's models and engines are about half of 24 GiB
+        # in float32, freed only with their process: a process for each level and dtype.
+        for level in args.isa.split(",") if args.isa else [os.environ.get("ONEDNN_MAX_CPU_ISA")]:
+            for dtype in dtypes:
+                if args.isa:
+                    print(f"\nONEDNN_MAX_CPU_ISA={level}", flush=True)
+                env = {**os.environ, "ONEDNN_MAX_CPU_ISA": level} if level else os.environ
+                subprocess.run([sys.executable, __file__, "--device", args.device, "--dtype", dtype,
+                                "--size", str(args.size), "--repeat", str(args.repeat)], env=env, check=True)
         return
     device = torch.device(args.device)
     if device.type == "cuda":
-        print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}")
-    else:
-        flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-        native = [f for f in ("avx512_bf16", "amx_bf16") if f in flags.split()]
-        cpu = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "")
-        print(f"{cpu}; {torch.get_num_threads()} threads; native bf16: {', '.join(native) or 'none'}; "
-              f"oneDNN level {os.environ.get('ONEDNN_MAX_CPU_ISA', 'native')}; torch {torch.__version__}")
-    print("| part | dtype | plain | ldm_min | packed | diffusers | openvino | ldm_min / plain | ldm_min / diffusers "
-          "| ldm_min / openvino |\n|---|---|---|---|---|---|---|---|---|---|")
-    for dtype in args.dtype.split(","):
-        for name, times in compare(device, getattr(torch, dtype), args.size, args.repeat):
-            shown = lambda side: seconds(times[side]) if side in times else "-"
-            print(f"| {name} | {dtype} | {shown('plain')} | {shown('ldm_min')} | {shown('packed')} | "
-                  f"{shown('diffusers')} | {shown('openvino')} | {ratio(times['ldm_min'], times.get('plain'))} | "
-                  f"{ratio(times['ldm_min'], times.get('diffusers'))} | {ratio(times['ldm_min'], times.get('openvino'))} |",
-                  flush=True)
+        torch.cuda.init()
+    print(machine())
+    print("| part | dtype | " + " | ".join(SIDES) + " | " + " | ".join(f"ldm_min / {side}" for side in AGAINST) + " |\n"
+          + "|---" * (2 + len(SIDES) + len(AGAINST)) + "|")
+    for name, times in compare(device, getattr(torch, dtypes[0]), args.size, args.repeat):
+        shown = [seconds(times[side]) if side in times else "-" for side in SIDES]
+        ratios = [ratio(times["ldm_min"], times.get(side)) for side in AGAINST]
+        print(f"| {name} | {dtypes[0]} | " + " | ".join(shown + ratios) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -270,6 +270,16 @@ def test_channels_last_inside_a_module_and_the_default_layout_out():
     assert seen == [True] and out.is_contiguous() and torch.allclose(out, expected, atol=1e-6)
 
 
+def test_channels_last_inside_hands_the_module_the_usual_strides():
+    conv, seen = nn.Conv2d(3, 8, 3, padding=1), []
+    fast.channels_last_inside(conv)
+    conv.register_forward_pre_hook(lambda m, args: seen.append(args[0].stride()))
+    picture = torch.rand(16, 16, 3).permute(2, 0, 1)[None]  # read from pixels: channels-last, a batch stride of 3
+    with torch.no_grad():
+        conv(picture), conv(picture.contiguous())
+    assert seen == [(768, 1, 48, 3)] * 2
+
+
 @packing(torch.bfloat16)
 def test_bfloat16_unet_computes_what_the_plain_unet_computes(plain):
     unet, expected_unet = sped_up(plain["unet"]).bfloat16(), copy.deepcopy(plain["unet"]).bfloat16()
