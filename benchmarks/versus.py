@@ -1,4 +1,4 @@
-"""ldm_min against diffusers, the implementation people would otherwise use, and against itself
+"""ldm_min against diffusers, the implementation people would otherwise use, the CPU engines, and itself
 without its CPU speed-ups: each part (UNet step, VAE encode, VAE decode) timed in one process, on the
 same random v1.4-size weights and the same inputs, alternating, best of N; the paper's 30-step run
 estimated from the parts.
@@ -18,11 +18,18 @@ UNet and VAE, holding the same weights, converted by `openvino.convert_model` at
 shapes and compiled for one stream of latency with torch's thread count and an explicit
 INFERENCE_PRECISION_HINT, the run's dtype (OpenVINO itself would pick bfloat16 on any CPU with
 AVX512-BF16). It converts float32 weights (the bfloat16 ones upcast), and takes float32 inputs.
+`onnxruntime`, in float32 only (its x86 kernels have no bfloat16 convolutions): the same modules
+exported by `torch.onnx.export` at static shapes, every graph optimisation, torch's thread count.
+How far each engine's output is from diffusers' float32 one goes to stderr. Each dtype runs in a
+process of its own, its memory freed with it. In float32 ldm_min's sides and all three engines
+passed 24 GiB: there, time ONNX Runtime in a run of its own (`--engines onnxruntime`).
 
-diffusers and OpenVINO are never dependencies of ldm_min: install them in a throwaway path (beside
-this project's requirements, e.g. `pip install --target DIR diffusers openvino`, then PYTHONPATH=DIR)
-to get the comparison. Without them, only ldm_min's figures print. Compare only figures from one
-run: machines, and the load on one machine, differ.
+diffusers, OpenVINO and ONNX Runtime are never dependencies of ldm_min: install them in a throwaway
+path (beside this project's requirements, e.g. `pip install --target DIR diffusers openvino
+onnxruntime onnx onnxscript`, then PYTHONPATH=DIR) to get the comparison. Without them, only
+ldm_min's figures print. Compare only figures from one run: machines, and the load on one machine,
+differ. `benchmarks/where.py` says where a UNet step's time goes, per kind of op, in ldm_min and in
+OpenVINO.
 """
 import argparse
 import copy
@@ -42,6 +49,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench import PAPER_STEPS, random_models, speed_ups, sync  # noqa: E402
 from ldm_min import fast  # noqa: E402
 from weights import read_configs  # noqa: E402
+
+
+ENGINES = ("diffusers", "openvino", "onnxruntime")
 
 
 def diffusers_twins(models):
@@ -90,6 +100,13 @@ def report(engine, dtype, part, output, expected):
           f"output", file=sys.stderr)
 
 
+def openvino_config(dtype):
+    """OpenVINO's settings that matter: the precision set explicitly (it would pick bfloat16 by itself on
+    any CPU with AVX512-BF16), one stream of latency, and torch's thread count."""
+    return {"INFERENCE_PRECISION_HINT": {torch.float32: "f32", torch.bfloat16: "bf16"}[dtype],
+            "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": str(torch.get_num_threads())}
+
+
 def openvino_calls(modules, inputs, dtype):
     """part -> a call of OpenVINO's compiled twin of that part on `inputs` (part -> its float32 input
     tensors), or {} when OpenVINO is not installed."""
@@ -97,9 +114,7 @@ def openvino_calls(modules, inputs, dtype):
         import openvino
     except ImportError:
         return {}
-    config = {"INFERENCE_PRECISION_HINT": {torch.float32: "f32", torch.bfloat16: "bf16"}[dtype],
-              "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": str(torch.get_num_threads())}
-    core, calls = openvino.Core(), {}
+    config, core, calls = openvino_config(dtype), openvino.Core(), {}
     for part, module in modules.items():
         example = inputs[part]
         model = openvino.convert_model(module, example_input=example)
@@ -157,8 +172,9 @@ def plain_and_sped_up(device, dtype):
     return sides
 
 
-def parts(sides, twins, size):
-    """part -> side -> a call of that part, the same input to each side."""
+def parts(sides, twins, size, engines):
+    """part -> side -> a call of that part, the same input to each side; `engines`, those of the other
+    implementations to time where installed."""
     models = sides["ldm_min"]
     generator = torch.Generator().manual_seed(0)
     x = (torch.rand(1, 3, size, size, generator=generator) * 2 - 1).to(models.device, models.dtype)
@@ -173,15 +189,16 @@ def parts(sides, twins, size):
         calls["VAE decode"][side] = lambda m=m: m.vae.decode(z)
     if twins:
         unet, vae = twins
-        calls["UNet step"]["diffusers"] = lambda: unet(z, t, encoder_hidden_states=context).sample
-        calls["VAE encode"]["diffusers"] = lambda: vae.encode(x).latent_dist.mean
-        calls["VAE decode"]["diffusers"] = lambda: vae.decode(z / models.vae.scaling_factor).sample
+        if "diffusers" in engines:
+            calls["UNet step"]["diffusers"] = lambda: unet(z, t, encoder_hidden_states=context).sample
+            calls["VAE encode"]["diffusers"] = lambda: vae.encode(x).latent_dist.mean
+            calls["VAE decode"]["diffusers"] = lambda: vae.decode(z / models.vae.scaling_factor).sample
         if models.device.type == "cpu":
             inputs = {"UNet step": (z.float(), t, context.float()), "VAE encode": (x.float(),),
                       "VAE decode": ((z / models.vae.scaling_factor).float(),)}
             modules = float32_modules(twins)
             for engine, made in (("openvino", openvino_calls), ("onnxruntime", onnxruntime_calls)):
-                for part, call in made(modules, inputs, models.dtype).items():
+                for part, call in (made(modules, inputs, models.dtype) if engine in engines else {}).items():
                     calls[part][engine] = call
     return calls
 
@@ -200,12 +217,12 @@ def best_of(calls, repeat, device):
 
 
 @torch.no_grad()
-def compare(device, dtype, size, repeat):
+def compare(device, dtype, size, repeat, engines=ENGINES):
     """Rows (part, {side: seconds}) for one dtype."""
     sides = plain_and_sped_up(device, dtype)
     twins = diffusers_twins(next(iter(sides.values())))  # sharing the plain weights
     first, best = {}, {}
-    for name, calls in parts(sides, twins, size).items():
+    for name, calls in parts(sides, twins, size, engines).items():
         # A first call also picks kernels and allocates (and ldm_min's packs its weights). ldm_min goes first,
         # so it also pays for set-up both then share (on CUDA: loading kernels, cuDNN's plan for each shape).
         first[name] = best_of(dict(sorted(calls.items(), key=lambda kv: kv[0] != "ldm_min")), 1, device)
@@ -234,16 +251,23 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32,bfloat16", help="comma-separated dtypes (default %(default)s)")
     p.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
     p.add_argument("--repeat", type=int, default=3, help="timed rounds; the best counts (default 3)")
+    p.add_argument("--engines", default=",".join(ENGINES),
+                   help="comma-separated other implementations to time, where installed (default %(default)s). In float32 "
+                        "all three and ldm_min's sides take more than 24 GiB: there, time onnxruntime in a run of its own")
     p.add_argument("--isa", help="comma-separated ONEDNN_MAX_CPU_ISA levels to run under, each in a process of "
                                  "its own (e.g. AVX2,AVX512_CORE_BF16; default: this CPU's own)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = set(args.engines.split(",")) - set(ENGINES)
+    if unknown:
+        p.error(f"--engines: {', '.join(sorted(unknown))} is not one of {', '.join(ENGINES)}")
+    return args
 
 
 def ratio(a, b):
     return f"{a / b:.2f}" if a and b else "-"
 
 
-SIDES = ("plain", "ldm_min", "packed", "diffusers", "openvino", "onnxruntime")
+SIDES = ("plain", "ldm_min", "packed", *ENGINES)
 AGAINST = ("plain", "diffusers", "openvino", "onnxruntime")  # the ratios printed: ldm_min / each
 
 
@@ -264,15 +288,15 @@ def main(argv=None):
     args = parse_args(argv)
     dtypes = args.dtype.split(",")
     if args.isa or len(dtypes) > 1:
-        # oneDNN reads its level once, at start; and one dtype's models and engines are about half of 24 GiB
-        # in float32, freed only with their process: a process for each level and dtype.
+        # oneDNN reads its level once, at start; and a dtype's models and engines are freed only with their
+        # process (bfloat16's and then float32's in one peaked at 22 GB): a process for each level and dtype.
         for level in args.isa.split(",") if args.isa else [os.environ.get("ONEDNN_MAX_CPU_ISA")]:
             for dtype in dtypes:
                 if args.isa:
                     print(f"\nONEDNN_MAX_CPU_ISA={level}", flush=True)
                 env = {**os.environ, "ONEDNN_MAX_CPU_ISA": level} if level else os.environ
-                subprocess.run([sys.executable, __file__, "--device", args.device, "--dtype", dtype,
-                                "--size", str(args.size), "--repeat", str(args.repeat)], env=env, check=True)
+                subprocess.run([sys.executable, __file__, "--device", args.device, "--dtype", dtype, "--size",
+                                str(args.size), "--repeat", str(args.repeat), "--engines", args.engines], env=env, check=True)
         return
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -280,7 +304,7 @@ def main(argv=None):
     print(machine())
     print("| part | dtype | " + " | ".join(SIDES) + " | " + " | ".join(f"ldm_min / {side}" for side in AGAINST) + " |\n"
           + "|---" * (2 + len(SIDES) + len(AGAINST)) + "|")
-    for name, times in compare(device, getattr(torch, dtypes[0]), args.size, args.repeat):
+    for name, times in compare(device, getattr(torch, dtypes[0]), args.size, args.repeat, args.engines.split(",")):
         shown = [seconds(times[side]) if side in times else "-" for side in SIDES]
         ratios = [ratio(times["ldm_min"], times.get(side)) for side in AGAINST]
         print(f"| {name} | {dtypes[0]} | " + " | ".join(shown + ratios) + " |", flush=True)

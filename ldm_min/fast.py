@@ -222,8 +222,8 @@ def channels_last_inside(module):
 
 
 def pack(module, convolutions, attention=False):
-    """Swap in the packed modules above, in place: the linears, and the convolutions (1-wide Conv1d
-    ones too) and the attention too when `convolutions`, `attention`."""
+    """Swap in the packed modules above, in place: the linears (the feed-forward's gated GELU fused), and
+    the convolutions (1-wide Conv1d ones too) and the attention too when `convolutions`, `attention`."""
     for m in module.modules():
         if type(m) is Attention and attention:
             m.__class__ = BlockedAttention
@@ -245,7 +245,8 @@ def fuse_upsampling(module):
 
 def speed_up(models, compile=False):
     """Make loaded `models` fast, in place: the VAE's encoder and decoder channels-last inside; on
-    a CPU where oneDNN packs (`can_pack`), the linears of both models packed, their convolutions
+    a CPU where oneDNN packs (`can_pack`), the linears of both models packed (the UNet's gated GELU
+    fused), their convolutions
     where `packs` says (the UNet then channels-last inside too), the UNet's self-attention blocked
     where `blocks_attention` says, and the VAE's upsampling fused.
     With `compile` the UNet is compiled by torch.compile (once per run: its timestep is a tensor

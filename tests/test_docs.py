@@ -26,6 +26,7 @@ import inpaint  # noqa: E402
 import table1  # noqa: E402
 import throughput  # noqa: E402
 import versus  # noqa: E402
+import where  # noqa: E402
 from ldm_min import LdmMinError  # noqa: E402
 from weights import pick_device  # noqa: E402
 
@@ -37,6 +38,7 @@ SCRIPTS = {"inpaint.py": (inpaint.parse_args, inpaint.options_of),
            "benchmarks/bench.py": (bench.parse_args, None),
            "benchmarks/ddnm_speed.py": (ddnm_speed.parse_args, None),
            "benchmarks/versus.py": (versus.parse_args, None),
+           "benchmarks/where.py": (where.parse_args, None),
            "benchmarks/agreement.py": (agreement.parse_args, None),
            "benchmarks/table1.py": (table1.parse_args, None),
            "benchmarks/throughput.py": (throughput.parse_args, None)}
@@ -169,6 +171,7 @@ def test_every_script_with_a_parser_is_shown_somewhere():
     ("inpaint.py", "IMAGE MASK [--steps 30] [--made-up-flag PX]"),
     ("inpaint.py", "IMAGE MASK [--region auto|fuzzy]"),
     ("benchmarks/versus.py", "--dtype float32,float64"),
+    ("benchmarks/where.py", "--dtype float16"),
     ("benchmarks/bench.py", "--device cpu --dtype float16"),
     ("benchmarks/table1.py", "--out OUT"),
     ("benchmarks/table1.py", "--data D --out O --masks 600"),
