@@ -98,7 +98,7 @@ def main(argv=None):
     args = parse_args(argv)
     dtype = getattr(torch, args.dtype)
     print(versus.machine())
-    with speed_ups(False):  # OpenVINO's twin copies the plain weights
+    with speed_ups(False):  # built plain: OpenVINO converts these, then ldm_min's speed-ups are applied
         plain = random_models(read_configs(), torch.device("cpu"), dtype, compile=False)
     generator = torch.Generator().manual_seed(0)
     z = torch.randn(1, 4, args.size // 8, args.size // 8, generator=generator).to(dtype)
