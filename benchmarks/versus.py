@@ -252,12 +252,14 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
     p.add_argument("--repeat", type=int, default=3, help="timed rounds; the best counts (default 3)")
     p.add_argument("--engines", default=",".join(ENGINES),
-                   help="comma-separated other implementations to time, where installed (default %(default)s). In float32 "
-                        "all three and ldm_min's sides take more than 24 GiB: there, time onnxruntime in a run of its own")
+                   help="comma-separated other implementations to time, where installed, '' for none (default "
+                        "%(default)s). In float32 all three and ldm_min's sides take more than 24 GiB: there, time "
+                        "onnxruntime in a run of its own")
     p.add_argument("--isa", help="comma-separated ONEDNN_MAX_CPU_ISA levels to run under, each in a process of "
                                  "its own (e.g. AVX2,AVX512_CORE_BF16; default: this CPU's own)")
     args = p.parse_args(argv)
-    unknown = set(args.engines.split(",")) - set(ENGINES)
+    args.engines = [engine for engine in args.engines.split(",") if engine]  # "" for none
+    unknown = set(args.engines) - set(ENGINES)
     if unknown:
         p.error(f"--engines: {', '.join(sorted(unknown))} is not one of {', '.join(ENGINES)}")
     return args
@@ -279,9 +281,9 @@ def machine():
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     field = lambda key: next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith(key)), "?")
     native = [f for f in ("avx512_bf16", "amx_bf16") if f in info.split()]
-    return (f"{field('model name')} (cpu family {field('cpu family')}); {torch.get_num_threads()} threads; native bf16: "
-            f"{', '.join(native) or 'none'}; oneDNN level {os.environ.get('ONEDNN_MAX_CPU_ISA', 'native')}; "
-            f"torch {torch.__version__}")
+    return (f"{field('model name')} (cpu family {field('cpu family')}); {torch.get_num_threads()} threads; "
+            f"native bf16: {', '.join(native) or 'none'}; oneDNN level "
+            f"{os.environ.get('ONEDNN_MAX_CPU_ISA', 'native')}; torch {torch.__version__}")
 
 
 def main(argv=None):
@@ -296,7 +298,8 @@ def main(argv=None):
                     print(f"\nONEDNN_MAX_CPU_ISA={level}", flush=True)
                 env = {**os.environ, "ONEDNN_MAX_CPU_ISA": level} if level else os.environ
                 subprocess.run([sys.executable, __file__, "--device", args.device, "--dtype", dtype, "--size",
-                                str(args.size), "--repeat", str(args.repeat), "--engines", args.engines], env=env, check=True)
+                                str(args.size), "--repeat", str(args.repeat), "--engines", ",".join(args.engines)],
+                               env=env, check=True)
         return
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -304,7 +307,7 @@ def main(argv=None):
     print(machine())
     print("| part | dtype | " + " | ".join(SIDES) + " | " + " | ".join(f"ldm_min / {side}" for side in AGAINST) + " |\n"
           + "|---" * (2 + len(SIDES) + len(AGAINST)) + "|")
-    for name, times in compare(device, getattr(torch, dtypes[0]), args.size, args.repeat, args.engines.split(",")):
+    for name, times in compare(device, getattr(torch, dtypes[0]), args.size, args.repeat, args.engines):
         shown = [seconds(times[side]) if side in times else "-" for side in SIDES]
         ratios = [ratio(times["ldm_min"], times.get(side)) for side in AGAINST]
         print(f"| {name} | {dtypes[0]} | " + " | ".join(shown + ratios) + " |", flush=True)
