@@ -196,9 +196,11 @@ def parts(sides, twins, size, engines):
         if models.device.type == "cpu":
             inputs = {"UNet step": (z.float(), t, context.float()), "VAE encode": (x.float(),),
                       "VAE decode": ((z / models.vae.scaling_factor).float(),)}
-            modules = float32_modules(twins)
-            for engine, made in (("openvino", openvino_calls), ("onnxruntime", onnxruntime_calls)):
-                for part, call in (made(modules, inputs, models.dtype) if engine in engines else {}).items():
+            converted = [(engine, made) for engine, made in (("openvino", openvino_calls),
+                                                             ("onnxruntime", onnxruntime_calls)) if engine in engines]
+            modules = float32_modules(twins) if converted else {}  # a float32 copy in a bfloat16 run: only if used
+            for engine, made in converted:
+                for part, call in made(modules, inputs, models.dtype).items():
                     calls[part][engine] = call
     return calls
 
@@ -270,13 +272,13 @@ def ratio(a, b):
 
 
 SIDES = ("plain", "ldm_min", "packed", *ENGINES)
-AGAINST = ("plain", "diffusers", "openvino", "onnxruntime")  # the ratios printed: ldm_min / each
+AGAINST = ("plain", *ENGINES)  # the ratios printed: ldm_min / each
 
 
-def machine():
-    """The first line: the CPU (its model, family and native bfloat16 instructions, the class its figures
-    hold for), torch's threads and oneDNN's level; or the GPU."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+def machine(device):
+    """The first line: the GPU; or the CPU (its model, family and native bfloat16 instructions, the class
+    its figures hold for), torch's threads and oneDNN's level."""
+    if device.type == "cuda":
         return f"{torch.cuda.get_device_name()}; torch {torch.__version__}"
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     field = lambda key: next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith(key)), "?")
@@ -293,18 +295,16 @@ def main(argv=None):
         # oneDNN reads its level once, at start; and a dtype's models and engines are freed only with their
         # process (bfloat16's and then float32's in one peaked at 22 GB): a process for each level and dtype.
         for level in args.isa.split(",") if args.isa else [os.environ.get("ONEDNN_MAX_CPU_ISA")]:
+            if args.isa:
+                print(f"\nONEDNN_MAX_CPU_ISA={level}", flush=True)
             for dtype in dtypes:
-                if args.isa:
-                    print(f"\nONEDNN_MAX_CPU_ISA={level}", flush=True)
                 env = {**os.environ, "ONEDNN_MAX_CPU_ISA": level} if level else os.environ
                 subprocess.run([sys.executable, __file__, "--device", args.device, "--dtype", dtype, "--size",
                                 str(args.size), "--repeat", str(args.repeat), "--engines", ",".join(args.engines)],
                                env=env, check=True)
         return
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.cuda.init()
-    print(machine())
+    print(machine(device))
     print("| part | dtype | " + " | ".join(SIDES) + " | " + " | ".join(f"ldm_min / {side}" for side in AGAINST) + " |\n"
           + "|---" * (2 + len(SIDES) + len(AGAINST)) + "|")
     for name, times in compare(device, getattr(torch, dtypes[0]), args.size, args.repeat, args.engines):

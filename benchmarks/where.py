@@ -97,7 +97,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    print(versus.machine())
+    print(versus.machine(torch.device("cpu")))
     with speed_ups(False):  # built plain: OpenVINO converts these, then ldm_min's speed-ups are applied
         plain = random_models(read_configs(), torch.device("cpu"), dtype, compile=False)
     generator = torch.Generator().manual_seed(0)

@@ -14,16 +14,20 @@ from .unet import GEGLU
 malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform == "linux" else None
 
 
+def hand_back_freed_memory():
+    """After plain weights (or copies made on the way) are freed for laid-out ones: glibc would keep most
+    of that memory, and the VAE decoder's large maps do not reuse it: bfloat16 peaked 0.3 GiB higher."""
+    if malloc_trim:
+        malloc_trim(0)
+
+
 class PackedWeight:
     """A module whose `weight` oneDNN lays out for its kernels once, at the first call (`pack_weight`),
     while its state dict still holds the plain weights."""
 
     def pack_weight(self, packed):
         self.weight = nn.Parameter(packed, requires_grad=False)
-        if malloc_trim:
-            # The plain weights are freed now, but glibc would keep most of them, and the VAE
-            # decoder's large maps do not reuse that memory: bfloat16 peaked 0.3 GiB higher.
-            malloc_trim(0)
+        hand_back_freed_memory()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -73,8 +77,7 @@ class PackedUpsample(Upsample):
             self.transposed = torch.ops.mkldnn._reorder_convolution_transpose_weight(
                 kernel, *TRANSPOSED.values(), x.shape)
             del w, kernel
-            if malloc_trim:
-                malloc_trim(0)  # the float32 copies made on the way, as in PackedConv2d
+            hand_back_freed_memory()
         return torch.ops.mkldnn._convolution_transpose_pointwise(
             x, self.transposed, self.conv.bias, *TRANSPOSED.values(), "none", [], "")
 
@@ -112,8 +115,7 @@ class FusedGEGLU(GEGLU):
             (self.value, self.value_bias), (self.gate, self.gate_bias) = (
                 (torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows(x)), b.contiguous()) for w, b in halves)
             del self.proj
-            if malloc_trim:
-                malloc_trim(0)  # the plain weights, as in PackedWeight
+            hand_back_freed_memory()
         gate = torch.ops.mkldnn._linear_pointwise(x, self.gate, self.gate_bias, "gelu", [], "none")  # "none": erf
         return torch.ops.mkldnn._linear_pointwise.binary(x, gate, self.value, self.value_bias, "mul")
 
@@ -246,9 +248,8 @@ def fuse_upsampling(module):
 def speed_up(models, compile=False):
     """Make loaded `models` fast, in place: the VAE's encoder and decoder channels-last inside; on
     a CPU where oneDNN packs (`can_pack`), the linears of both models packed (the UNet's gated GELU
-    fused), their convolutions
-    where `packs` says (the UNet then channels-last inside too), the UNet's self-attention blocked
-    where `blocks_attention` says, and the VAE's upsampling fused.
+    fused), their convolutions where `packs` says (the UNet then channels-last inside too), the UNet's
+    self-attention blocked where `blocks_attention` says, and the VAE's upsampling fused.
     With `compile` the UNet is compiled by torch.compile (once per run: its timestep is a tensor
     input) and otherwise left plain. After this the modules are for inference only: no `.to()`, no
     training, no torch.compile of one's own."""
