@@ -139,22 +139,24 @@ class PackedConv1d(nn.Conv1d):
             x.transpose(1, 2), self.weight[..., 0], self.bias, "none", [], "").transpose(1, 2)
 
 
-QUERIES = 128  # a block's scores for each thread, 128 x 4096 in bfloat16, stay in a core's 1-2 MiB of L2 cache
+QUERIES = 256  # a block's scores for each thread, 256 x 4096 in bfloat16 (2 MiB), about a core's L2 cache
 LANES = 16  # float32 sums in an AVX-512 register: oneDNN's products run fastest on columns in multiples of it
 
 
 class BlockedAttention(Attention):
-    """Self-attention as two oneDNN matrix products for each head and block of queries, QUERIES for
-    each of torch's threads (the products share a block's rows among them), rather than PyTorch's CPU
-    flash attention. The values get zero columns up to a multiple of LANES, which the second product
-    computes and drops: 40 -> 48 at the UNet's 64x64 took its attention 125 -> 112 ms. bfloat16,
-    8 heads x 4096 tokens x 40 (the UNet at 64x64): on one core of the AMD EPYC (machine F)
-    67 -> 151 GFLOP/s, 8 x 1024 x 80: 81 -> 169; on both cores of a Zen 4 EPYC (machine I)
-    124 -> 175 GFLOP/s, where blocks of 128 queries, half a block a thread, gave 160, and on one of
-    its cores 128 and 256 gave the same; then 191 with the zero columns. Not in float32: on
-    machine F 69 -> 108 with AVX-512 kernels but slower with AVX2 ones (74 -> 65), and a float32
-    step on machine I took 1.03 of the flash attention's time. Cross-attention, over the text's
-    77 tokens, gains nothing and keeps the fused kernel."""
+    """Self-attention as oneDNN's matrix products and softmax for each head and block of queries,
+    QUERIES for each of torch's threads (the products share a block's rows among them), rather than
+    PyTorch's CPU flash attention. The scores stay in oneDNN's own tensors (`to_mkldnn`) between the
+    three calls: its softmax takes 0.22 ms a block of 256 x 4096 where PyTorch's takes 0.31. The
+    values get zero columns up to a multiple of LANES, which the second product computes and drops.
+    bfloat16, 8 heads x 4096 tokens x 40 (the UNet at 64x64), on both cores of a Zen 4 EPYC
+    (machine I): 124 -> 175 GFLOP/s with PyTorch's softmax and blocks of 128 queries, half a block a
+    thread; 191 with the zero columns (40 -> 48); then oneDNN's softmax, with blocks of 256 a thread,
+    134 -> 117 ms (8 x 1024 x 80: 17.5 -> 14.4 ms). On one core of the AMD EPYC (machine F), with
+    PyTorch's softmax, 67 -> 151 GFLOP/s, 8 x 1024 x 80: 81 -> 169. Not in float32: on machine F
+    69 -> 108 with AVX-512 kernels but slower with AVX2 ones (74 -> 65), and on machine I 156 ms
+    with the flash attention, 166-176 ms this way. Cross-attention, over the text's 77 tokens,
+    gains nothing and keeps the fused kernel."""
 
     def attend(self, q, k, v):
         if k.shape[-2] != q.shape[-2]:
@@ -163,13 +165,14 @@ class BlockedAttention(Attention):
         out, block = torch.empty_like(q), QUERIES * torch.get_num_threads()
         for b in range(q.shape[0]):
             for h in range(q.shape[1]):
-                keys = (k[b, h] * d ** -0.5).contiguous()  # the rows of the product's weight
+                keys = (k[b, h] * d ** -0.5).to_mkldnn()  # the rows of the product's weight
                 values = v.new_zeros(-(-d // LANES) * LANES, k.shape[-2])
                 values[:d] = v[b, h].t()
+                values = values.to_mkldnn()
                 for i in range(0, q.shape[2], block):
-                    scores = torch.ops.mkldnn._linear_pointwise(q[b, h, i:i + block], keys, None, "none", [], "")
-                    out[b, h, i:i + block] = torch.ops.mkldnn._linear_pointwise(
-                        scores.softmax(-1), values, None, "none", [], "")[:, :d]
+                    scores = torch.ops.aten.mkldnn_linear(q[b, h, i:i + block].to_mkldnn(), keys, None)
+                    p_v = torch.ops.aten.mkldnn_linear(scores.softmax(-1), values, None)
+                    out[b, h, i:i + block] = p_v.to_dense()[:, :d]
         return out
 
 
@@ -249,7 +252,8 @@ def speed_up(models, compile=False):
     """Make loaded `models` fast, in place: the VAE's encoder and decoder channels-last inside; on
     a CPU where oneDNN packs (`can_pack`), the linears of both models packed (the UNet's gated GELU
     fused), their convolutions where `packs` says (the UNet then channels-last inside too), the UNet's
-    self-attention blocked where `blocks_attention` says, and the VAE's upsampling fused.
+    self-attention blocked where `blocks_attention` says, and the upsampling fused: the VAE's, and the
+    UNet's but its deepest.
     With `compile` the UNet is compiled by torch.compile (once per run: its timestep is a tensor
     input) and otherwise left plain. After this the modules are for inference only: no `.to()`, no
     training, no torch.compile of one's own."""
@@ -257,11 +261,13 @@ def speed_up(models, compile=False):
     channels_last_inside(models.vae.decoder)
     if models.device.type == "cpu" and can_pack(models.dtype):
         pack(models.vae, packs("vae", models.dtype))
-        # Not the UNet's: its fused kernels (1280 wide) would sit beside the plain ones, which odd
-        # sizes still need: 0.22 GiB more in float32, above the plain path's peak, for 3% of a step.
         fuse_upsampling(models.vae)
         if not compile:  # a UNet to be compiled stays plain: torch.compile traces it and picks its layouts
             pack(models.unet, packs("unet", models.dtype), blocks_attention(models.dtype))
+            # Its fused kernels sit beside the plain ones, which odd sizes still need. So not the
+            # deepest upsampler's (8x8 -> 16x16 at 512 px, 1280 wide): 0.05 GiB in bfloat16 (0.1 in
+            # float32) for 8 ms a step, where the other two save 0.07 s for 0.06 GiB.
+            fuse_upsampling(models.unet.up_blocks[1:])
             channels_last_inside(models.unet)
     if compile:
         # On CUDA also replayed as a CUDA graph, launched at once: eager PyTorch spends as long launching

@@ -42,7 +42,8 @@ class ResnetBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x), inplace=True))
         if temb is not None:
             h += self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        h = F.silu(self.norm2(h), inplace=True)  # conv1's output is freed before conv2 makes its own
+        h = self.conv2(h)
         return h.add_(self.conv_shortcut(x) if hasattr(self, "conv_shortcut") else x)
 
 

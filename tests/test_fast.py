@@ -185,7 +185,10 @@ def test_each_part_is_packed_where_packing_pays_and_nowhere_else(tiny_cpu, part)
     kinds = lambda cls: {type(m) for m in module.modules() if isinstance(m, cls)}
     assert kinds(nn.Conv2d) == ({fast.PackedConv2d} if fast.packs(part, torch.float32) else {nn.Conv2d})
     assert kinds(nn.Linear) == ({fast.PackedLinear} if packed else {nn.Linear})
-    assert kinds(Upsample) == ({fast.PackedUpsample} if packed and part == "vae" else {Upsample})
+    upsamplers = [type(m) for m in module.modules() if isinstance(m, Upsample)]
+    deepest_plain = part == "unet"  # the UNet's deepest kernel would cost more memory than it saves time
+    assert upsamplers == [Upsample if not packed or (i == 0 and deepest_plain) else fast.PackedUpsample
+                          for i in range(len(upsamplers))]
 
 
 def test_the_unet_is_packed_on_every_cpu_that_packs_and_the_vae_only_with_amx(monkeypatch):
