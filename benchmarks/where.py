@@ -30,10 +30,11 @@ ELEMENTWISE = ("aten::silu", "aten::gelu", "aten::add", "aten::mul", "aten::copy
 def kind(event):
     """The kind of work of one of torch.profiler's ops."""
     name = event.key
-    if name == "mkldnn::_linear_pointwise":
-        # The blocked attention's products are the only ones on 2-d inputs (a block of one head's queries).
-        return "attention: products" if len(event.input_shapes[0]) == 2 else "linears"
-    for prefix, label in (("mkldnn::_convolution", "convolutions"), ("aten::_softmax", "attention: softmax"),
+    for prefix, label in (("mkldnn::_convolution", "convolutions"), ("mkldnn::_linear", "linears"),
+                          # the blocked self-attention's own calls, on oneDNN's tensors
+                          ("aten::mkldnn_linear", "attention: products"), ("aten::_softmax", "attention: softmax"),
+                          ("aten::to_mkldnn", "attention: to and from oneDNN's tensors"),
+                          ("aten::to_dense", "attention: to and from oneDNN's tensors"),
                           ("aten::_scaled_dot_product", "attention: PyTorch's fused kernel"),
                           ("aten::native_group_norm", "group and layer norms"), ("aten::native_layer_norm",
                                                                                  "group and layer norms")):
@@ -46,10 +47,10 @@ def ours(models, z, t, context):
     with torch.no_grad():
         for _ in range(2):
             models.unet(z, t, context)
-        with profile(record_shapes=True) as run:
+        with profile() as run:
             models.unet(z, t, context)
     seconds = collections.Counter()
-    for event in run.key_averages(group_by_input_shape=True):
+    for event in run.key_averages():
         seconds[kind(event)] += event.self_cpu_time_total / 1e6
     return seconds
 

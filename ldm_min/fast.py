@@ -139,7 +139,7 @@ class PackedConv1d(nn.Conv1d):
             x.transpose(1, 2), self.weight[..., 0], self.bias, "none", [], "").transpose(1, 2)
 
 
-QUERIES = 256  # a block's scores for each thread, 256 x 4096 in bfloat16 (2 MiB), about a core's L2 cache
+QUERIES = 256  # each thread's rows of a block of scores: at 64x64 on machine I, 256 beat 128, 192, 384, 512
 LANES = 16  # float32 sums in an AVX-512 register: oneDNN's products run fastest on columns in multiples of it
 
 
@@ -149,14 +149,13 @@ class BlockedAttention(Attention):
     PyTorch's CPU flash attention. The scores stay in oneDNN's own tensors (`to_mkldnn`) between the
     three calls: its softmax takes 0.22 ms a block of 256 x 4096 where PyTorch's takes 0.31. The
     values get zero columns up to a multiple of LANES, which the second product computes and drops.
-    bfloat16, 8 heads x 4096 tokens x 40 (the UNet at 64x64), on both cores of a Zen 4 EPYC
-    (machine I): 124 -> 175 GFLOP/s with PyTorch's softmax and blocks of 128 queries, half a block a
-    thread; 191 with the zero columns (40 -> 48); then oneDNN's softmax, with blocks of 256 a thread,
-    134 -> 117 ms (8 x 1024 x 80: 17.5 -> 14.4 ms). On one core of the AMD EPYC (machine F), with
-    PyTorch's softmax, 67 -> 151 GFLOP/s, 8 x 1024 x 80: 81 -> 169. Not in float32: on machine F
-    69 -> 108 with AVX-512 kernels but slower with AVX2 ones (74 -> 65), and on machine I 156 ms
-    with the flash attention, 166-176 ms this way. Cross-attention, over the text's 77 tokens,
-    gains nothing and keeps the fused kernel."""
+    bfloat16, 8 heads x 4096 tokens x 40 (the UNet at 64x64): on one core of the AMD EPYC
+    (machine F), two oneDNN products and PyTorch's softmax took it 67 -> 151 GFLOP/s (8 x 1024 x 80:
+    81 -> 169). On both cores of a Zen 4 EPYC (machine I), the zero columns (40 -> 48) 125 -> 112 ms,
+    then oneDNN's softmax and 256 queries a thread 134 -> 117 ms (8 x 1024 x 80: 17.5 -> 14.4).
+    Not in float32: on machine F 69 -> 108 GFLOP/s with AVX-512 kernels but slower with AVX2 ones
+    (74 -> 65), and on machine I 166-176 ms against the flash attention's 156. Cross-attention, over
+    the text's 77 tokens, gains nothing and keeps the fused kernel."""
 
     def attend(self, q, k, v):
         if k.shape[-2] != q.shape[-2]:
@@ -265,8 +264,9 @@ def speed_up(models, compile=False):
         if not compile:  # a UNet to be compiled stays plain: torch.compile traces it and picks its layouts
             pack(models.unet, packs("unet", models.dtype), blocks_attention(models.dtype))
             # Its fused kernels sit beside the plain ones, which odd sizes still need. So not the
-            # deepest upsampler's (8x8 -> 16x16 at 512 px, 1280 wide): 0.05 GiB in bfloat16 (0.1 in
-            # float32) for 8 ms a step, where the other two save 0.07 s for 0.06 GiB.
+            # deepest upsampler's (8x8 -> 16x16 at 512 px, 1280 wide): 0.05 GiB more in bfloat16 (0.1
+            # in float32) for no time measured, where the other two took a bfloat16 step on machine I
+            # 2.42 -> 2.28 s for 0.06 GiB (docs/performance.md).
             fuse_upsampling(models.unet.up_blocks[1:])
             channels_last_inside(models.unet)
     if compile:
