@@ -107,21 +107,29 @@ def openvino_config(dtype):
             "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": str(torch.get_num_threads())}
 
 
+def openvino_request(module, example, config):
+    """An infer request of OpenVINO's compiled `module`, converted at the static shapes of `example` (its
+    float32 input tensors), with `config`. OpenVINO must be installed."""
+    import openvino
+
+    model = openvino.convert_model(module, example_input=example)
+    for port, tensor in zip(model.inputs, example):  # static shapes: the run's own
+        port.get_node().set_partial_shape(openvino.PartialShape(list(tensor.shape)))
+    model.validate_nodes_and_infer_types()
+    return openvino.Core().compile_model(model, "CPU", config).create_infer_request()
+
+
 def openvino_calls(modules, inputs, dtype):
     """part -> a call of OpenVINO's compiled twin of that part on `inputs` (part -> its float32 input
     tensors), or {} when OpenVINO is not installed."""
     try:
-        import openvino
+        import openvino  # noqa: F401  (only whether it is installed)
     except ImportError:
         return {}
-    config, core, calls = openvino_config(dtype), openvino.Core(), {}
+    calls = {}
     for part, module in modules.items():
         example = inputs[part]
-        model = openvino.convert_model(module, example_input=example)
-        for port, tensor in zip(model.inputs, example):  # static shapes: the run's own
-            port.get_node().set_partial_shape(openvino.PartialShape(list(tensor.shape)))
-        model.validate_nodes_and_infer_types()
-        request = core.compile_model(model, "CPU", config).create_infer_request()
+        request = openvino_request(module, example, openvino_config(dtype))
         arrays = [tensor.numpy() for tensor in example]
         calls[part] = lambda request=request, arrays=arrays: request.infer(arrays)
         report("openvino", dtype, part, torch.from_numpy(calls[part]()[0]), module(*example))

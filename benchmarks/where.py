@@ -57,17 +57,12 @@ def ours(models, z, t, context):
 
 def openvino(models, z, t, context, dtype):
     try:
-        import openvino
+        import openvino  # noqa: F401  (only whether it is installed)
     except ImportError:
         return None
     unet = versus.float32_modules(versus.diffusers_twins(models))["UNet step"]
     example = (z.float(), t, context.float())
-    model = openvino.convert_model(unet, example_input=example)
-    for port, tensor in zip(model.inputs, example):
-        port.get_node().set_partial_shape(openvino.PartialShape(list(tensor.shape)))
-    model.validate_nodes_and_infer_types()
-    config = {**versus.openvino_config(dtype), "PERF_COUNT": "YES"}
-    request = openvino.Core().compile_model(model, "CPU", config).create_infer_request()
+    request = versus.openvino_request(unet, example, {**versus.openvino_config(dtype), "PERF_COUNT": "YES"})
     for _ in range(3):
         request.infer([tensor.numpy() for tensor in example])
     seconds = collections.Counter()
