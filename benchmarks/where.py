@@ -60,7 +60,10 @@ def openvino(models, z, t, context, dtype):
         import openvino  # noqa: F401  (only whether it is installed)
     except ImportError:
         return None
-    unet = versus.float32_modules(versus.diffusers_twins(models))["UNet step"]
+    twins = versus.diffusers_twins(models)  # what OpenVINO converts: without diffusers, nothing
+    if twins is None:
+        return None
+    unet = versus.float32_modules(twins)["UNet step"]
     example = (z.float(), t, context.float())
     request = versus.openvino_request(unet, example, {**versus.openvino_config(dtype), "PERF_COUNT": "YES"})
     for _ in range(3):
