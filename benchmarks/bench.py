@@ -3,6 +3,7 @@
     python benchmarks/bench.py --size 512 --dtype bfloat16 --steps 2
     python benchmarks/bench.py --device cuda --dtype float16 --steps 30 --prompt "a red boat" --compile --json
     python benchmarks/bench.py --weights FOLDER --plain     # the same without the CPU speed-ups
+    python benchmarks/bench.py --dtype bfloat16 --warmup 1 --warmup-size 256   # after a picture of another size
     python benchmarks/bench.py --diffusers                  # diffusers' inpainting pipeline, for its memory
 
 The models have the v1.4 architecture and random weights: speed does not depend on the values, so
@@ -56,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed 1-step runs first (default: 1 on CUDA, where kernels are picked or "
                         "compiled on the first call; 0 on the CPU, where a run is long)")
+    p.add_argument("--warmup-size", type=int, default=None,
+                   help="the warm-up runs' picture side (default --size): a run after one of another size, as in "
+                        "the page or a folder of pictures")
     p.add_argument("--weights", help="load this checkpoint (folder or single file) instead of random weights")
     p.add_argument("--plain", action="store_true",
                    help="none of the CPU speed-ups of ldm_min/fast.py, to compare peak memory with the plain path's "
@@ -258,11 +262,11 @@ def main(argv=None):
               if any(isinstance(m, fast.PackedConv2d) for m in getattr(models, part).modules())]
     weight_bytes = sum(p.numel() * p.element_size()
                        for m in (models.unet, models.vae, models.text_encoder) for p in m.parameters())
-    image, mask = demo_picture(args.size)
-    # region "full": the model runs at --size (the default, "auto", would inpaint a crop of a large picture).
-    run = lambda steps: inpaint(image, mask, models, Options(prompt=args.prompt, steps=steps, region="full"))
+    # region "full": the model runs at the picture's size (the default, "auto", would inpaint a crop of a large one).
+    pictures = {size: demo_picture(size) for size in (args.size, args.warmup_size or args.size)}
+    run = lambda steps, size: inpaint(*pictures[size], models, Options(prompt=args.prompt, steps=steps, region="full"))
     for _ in range(args.warmup if args.warmup is not None else int(device.type == "cuda")):
-        run(1)
+        run(1, args.warmup_size or args.size)
 
     # The timed run: the real path, each part timed where sample()/inpaint() call it.
     models.encode_text = Timed(models.encode_text, device)
@@ -273,7 +277,7 @@ def main(argv=None):
         torch.cuda.reset_peak_memory_stats()
     sync(device)
     start, cpu_start = time.perf_counter(), time.process_time()
-    run(args.steps)
+    run(args.steps, args.size)
     sync(device)
     total = time.perf_counter() - start
     # The CPU time this process got, per thread and second: well under 1 means other processes

@@ -16,18 +16,45 @@ malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform ==
 
 def hand_back_freed_memory():
     """After plain weights (or copies made on the way) are freed for laid-out ones: glibc would keep most
-    of that memory, and the VAE decoder's large maps do not reuse it: bfloat16 peaked 0.3 GiB higher."""
+    of that memory, and the VAE decoder's large maps do not reuse it: bfloat16 peaked 0.3 GiB higher.
+    Each layer's at once: handed back every 64 MiB instead, or once after a model's call, the first
+    call took less time (the bfloat16 UNet's at 32x32 latents 2.1 -> 1.3 s without it, machine I), but
+    the peak rose 0.08 and 0.17 GiB in bfloat16 (`benchmarks/bench.py --steps 2`)."""
     if malloc_trim:
         malloc_trim(0)
 
 
-class PackedWeight:
-    """A module whose `weight` oneDNN lays out for its kernels once, at the first call (`pack_weight`),
-    while its state dict still holds the plain weights."""
+def plain(weight):
+    """A weight as the plain tensor it holds, whether or not oneDNN has laid it out."""
+    return weight.to_dense() if weight.is_mkldnn else weight.detach()
 
-    def pack_weight(self, packed):
-        self.weight = nn.Parameter(packed, requires_grad=False)
-        hand_back_freed_memory()
+
+class LaidOut:
+    """A module whose weights (the attributes named in `laid_out`) oneDNN lays out for its kernels at the
+    first call, and again at the first call on an input of another shape: oneDNN picks its kernel, and
+    the layout that kernel reads, for the shape. A layout made for another shape can cost more than the
+    product: a UNet laid out at 64x64 latents, then called at 16x16, took 1.32 s a bfloat16 step, and
+    0.21 s laid out again for it, its 1x1 convolutions at 2x2 and 4x4 taking 48 ms each (machine I). A
+    picture of another size, in the page or a folder of pictures, lays the weights out once more (2-3 s
+    for the v1.4 UNet), not at every call."""
+
+    laid_out = ("weight",)
+    laid_out_for = None  # the input shape (or a linear's rows) the weights are laid out for
+
+    def lay_out(self, shape, reorder):
+        """The weights laid out by `reorder` (from their plain form) for inputs of `shape`, unless they are."""
+        if shape == self.laid_out_for:
+            return
+        for name in self.laid_out:
+            weight = reorder(plain(getattr(self, name)))
+            setattr(self, name, nn.Parameter(weight, requires_grad=False) if name in self._parameters else weight)
+        self.laid_out_for = shape
+        hand_back_freed_memory()  # the weights' last form
+
+
+class PackedWeight(LaidOut):
+    """A module whose `weight` is laid out for oneDNN (`LaidOut`) while its state dict still holds the
+    plain weights."""
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -36,17 +63,16 @@ class PackedWeight:
 
 
 class PackedConv2d(PackedWeight, nn.Conv2d):
-    """A CPU convolution whose weights oneDNN lays out for its kernels once, at the first call, and
-    not again at every call as `F.conv2d` does. On channels-last feature maps it computes exactly
-    what `nn.Conv2d` computes. It pays most where the weights outweigh the feature maps: a
-    1280-wide 3x3 convolution at 8x8 took 5.8 -> 1.4 ms in bfloat16, and 26 -> 6.5 ms in float32."""
+    """A CPU convolution whose weights oneDNN lays out for its kernels once for each input shape
+    (`LaidOut`), and not again at every call as `F.conv2d` does. On channels-last feature maps it
+    computes exactly what `nn.Conv2d` computes. It pays most where the weights outweigh the feature
+    maps: a 1280-wide 3x3 convolution at 8x8 took 5.8 -> 1.4 ms in bfloat16, and 26 -> 6.5 ms in float32."""
 
     def forward(self, x):
-        if not self.weight.is_mkldnn:
-            # Laid out for this input's size, which picks the kernel: packed without it, a float32
-            # 512x512 UNet step took 3.9 s, against 3.1 (and 4.3 unpacked).
-            self.pack_weight(torch.ops.mkldnn._reorder_convolution_weight(
-                self.weight.detach(), self.padding, self.stride, self.dilation, self.groups, x.shape))
+        # Laid out for this input's shape, which picks the kernel: packed without it, a float32 512x512
+        # UNet step took 3.9 s, against 3.1 (and 4.3 unpacked).
+        self.lay_out(x.shape, lambda w: torch.ops.mkldnn._reorder_convolution_weight(
+            w, self.padding, self.stride, self.dilation, self.groups, x.shape))
         return torch.ops.mkldnn._convolution_pointwise(
             x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], "")
 
@@ -62,20 +88,24 @@ class PackedUpsample(Upsample):
     """Nearest 2x upsampling and the 3x3 convolution after it, as one stride-2 transposed convolution
     with a 4x4 kernel (TAPS w TAPS^T for each pair of channels): each output pixel takes 2x2 input
     pixels instead of 3x3 upsampled ones, 4/9 of the multiplications, and the upsampled map is never
-    made. The kernel is derived and laid out for oneDNN at the first call, as `PackedConv2d`'s
-    weights are; the state dict keeps the plain convolution. A size other than twice the input (the
-    UNet's skip connection of an odd side) takes the plain path. On one core of the AMD EPYC
-    (machine F), float32, the VAE decoder's 256-wide step to 512x512 took 2.04 -> 0.74 s."""
+    made. The kernel is derived and laid out for oneDNN at the first call, and again for another
+    input shape, as `PackedConv2d`'s weights are; the state dict keeps the plain convolution. A size
+    other than twice the input (the UNet's skip connection of an odd side) takes the plain path. On
+    one core of the AMD EPYC (machine F), float32, the VAE decoder's 256-wide step to 512x512 took
+    2.04 -> 0.74 s."""
+
+    laid_out_for = None  # the input shape `transposed` is laid out for
 
     def forward(self, x, size=None):
         if size is not None and tuple(size) != (2 * x.shape[-2], 2 * x.shape[-1]):
             return super().forward(x, size)
-        if not hasattr(self, "transposed"):
-            w = self.conv.weight.float()
+        if x.shape != self.laid_out_for:
+            w = plain(self.conv.weight).float()  # laid out by the plain path, at an odd size, or not
             taps = TAPS.to(w.device)
             kernel = torch.einsum("ka,oiab,lb->iokl", taps, w, taps).to(self.conv.weight.dtype)
             self.transposed = torch.ops.mkldnn._reorder_convolution_transpose_weight(
                 kernel, *TRANSPOSED.values(), x.shape)
+            self.laid_out_for = x.shape
             del w, kernel
             hand_back_freed_memory()
         return torch.ops.mkldnn._convolution_transpose_pointwise(
@@ -90,39 +120,39 @@ def rows(x):
 class PackedLinear(PackedWeight, nn.Linear):
     """A linear layer computed by oneDNN, the library of the CPU convolutions, rather than by the
     BLAS that `F.linear` calls in float32 (MKL), which runs its AVX2 kernels on AMD CPUs, with its
-    weights laid out once, at the first call, for that call's rows. The same result (equal bits in
-    every shape tried). On one core of the AMD EPYC (machine F), float32, the UNet's 4096x320 -> 320
-    product took 80 -> 234 GFLOP/s, and under AVX2 kernels 98 -> 114. Laid out once, on both cores
+    weights laid out for the call's rows once (`LaidOut`), not at every call. The same result (equal
+    bits in every shape tried). On one core of the AMD EPYC (machine F), float32, the UNet's 4096x320
+    -> 320 product took 80 -> 234 GFLOP/s, and under AVX2 kernels 98 -> 114. Laid out once, on both cores
     of a Zen 4 EPYC (machine I), bfloat16: 380 -> 442 GFLOP/s there, 4096x320 -> 2560 368 -> 422."""
 
     def forward(self, x):
-        if not self.weight.is_mkldnn:
-            self.pack_weight(torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), rows(x)))
+        self.lay_out(rows(x), lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows(x)))
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
-class FusedGEGLU(GEGLU):
+class FusedGEGLU(LaidOut, GEGLU):
     """The feed-forward's gated GELU as two oneDNN linears, each half of `proj` with its weights laid
-    out once: the gate's with GELU applied to its result inside the product, the value's with its
+    out (`LaidOut`): the gate's with GELU applied to its result inside the product, the value's with its
     result multiplied by the gate there too. So the 8x-wide product, the GELU and the product of the
     halves never cross memory on their own. The state dict still holds `proj`. On both cores of a
     Zen 4 EPYC (machine I), at 4096 tokens of 320: bfloat16 21.8 -> 18.1 ms, and nearer float32
     (2.3e-3 of the norm from it, against 3.4e-3); float32 52.1 -> 34.7 ms."""
 
+    laid_out = ("value", "gate")
+
     def forward(self, x):
         if not hasattr(self, "gate"):
             halves = zip(self.proj.weight.detach().chunk(2), self.proj.bias.detach().chunk(2))
-            (self.value, self.value_bias), (self.gate, self.gate_bias) = (
-                (torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows(x)), b.contiguous()) for w, b in halves)
+            (self.value, self.value_bias), (self.gate, self.gate_bias) = ((w, b.contiguous()) for w, b in halves)
             del self.proj
-            hand_back_freed_memory()
+        self.lay_out(rows(x), lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows(x)))
         gate = torch.ops.mkldnn._linear_pointwise(x, self.gate, self.gate_bias, "gelu", [], "none")  # "none": erf
         return torch.ops.mkldnn._linear_pointwise.binary(x, gate, self.value, self.value_bias, "mul")
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if hasattr(self, "gate"):
-            destination[prefix + "proj.weight"] = torch.cat([self.value.to_dense(), self.gate.to_dense()])
+            destination[prefix + "proj.weight"] = torch.cat([plain(self.value), plain(self.gate)])
             destination[prefix + "proj.bias"] = torch.cat([self.value_bias, self.gate_bias])
 
 
@@ -252,7 +282,7 @@ def speed_up(models, compile=False):
     a CPU where oneDNN packs (`can_pack`), the linears of both models packed (the UNet's gated GELU
     fused), their convolutions where `packs` says (the UNet then channels-last inside too), the UNet's
     self-attention blocked where `blocks_attention` says, and the upsampling fused: the VAE's, and the
-    UNet's but its deepest.
+    UNet's but its deepest. Their weights are laid out at the first call on each input shape.
     With `compile` the UNet is compiled by torch.compile (once per run: its timestep is a tensor
     input) and otherwise left plain. After this the modules are for inference only: no `.to()`, no
     training, no torch.compile of one's own."""

@@ -90,6 +90,40 @@ def test_packed_upsampling_is_nearest_upsampling_then_the_convolution(dtype, lay
 
 
 @packing(torch.float32)
+@pytest.mark.parametrize("module, packed, first, other", [
+    (lambda: nn.Conv2d(8, 12, 1), fast.PackedConv2d, (1, 8, 16, 16), (1, 8, 2, 2)),
+    (lambda: Upsample(8), fast.PackedUpsample, (1, 8, 8, 8), (2, 8, 3, 4)),
+    (lambda: nn.Linear(8, 12), fast.PackedLinear, (1, 256, 8), (1, 16, 8)),
+    (lambda: GEGLU(8, 32), fast.FusedGEGLU, (1, 256, 8), (2, 16, 8)),
+], ids=["convolution", "upsampling", "linear", "gated GELU"])
+def test_a_packed_module_is_laid_out_again_for_another_input_shape(module, packed, first, other):
+    # A layout made for one shape can be oneDNN's slow path for another (fast.LaidOut): once, not per call.
+    torch.manual_seed(0)
+    module, x, y = module(), torch.randn(first), torch.randn(other)
+    weights = lambda: [getattr(module, name) for name in getattr(module, "laid_out", ["transposed"])]
+    with torch.no_grad():
+        expected = module(y)
+        module.__class__ = packed
+        module(x)
+        out, laid_out = module(y), weights()
+        assert torch.equal(module(y), out) and all(a is b for a, b in zip(weights(), laid_out))  # not again
+    assert module.laid_out_for == (other if packed in (fast.PackedConv2d, fast.PackedUpsample) else fast.rows(y))
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+@packing(torch.float32)
+def test_packed_upsampling_takes_its_fused_path_after_its_plain_one():
+    up, odd, even = Upsample(8), torch.randn(1, 8, 3, 3), torch.randn(1, 8, 4, 4)
+    with torch.no_grad():
+        expected = up(even)
+        fast.pack(up, convolutions=True)
+        up.__class__ = fast.PackedUpsample
+        up(odd, size=(5, 5))  # the plain path lays out its convolution's weights
+        assert torch.allclose(up(even), expected, atol=1e-5)
+    assert up.transposed.is_mkldnn
+
+
+@packing(torch.float32)
 def test_packed_upsampling_to_another_size_is_the_plain_path():
     up, x = Upsample(8), torch.randn(1, 8, 3, 3)  # an odd skip connection: 3 -> 5, not 6
     with torch.no_grad():
@@ -214,6 +248,18 @@ def test_sped_up_unet_computes_what_the_plain_unet_computes(plain, close_paths, 
         expected = plain["unet"](z.contiguous(memory_format=torch.channels_last), 500, context)
     assert unet.conv_in.weight.is_mkldnn  # the packed path ran
     assert close_paths(fast_eps, expected)
+
+
+@packing(torch.float32)
+def test_a_sped_up_unet_takes_one_size_after_another(plain, close_paths):
+    # As the page and a folder of pictures call it: odd latent sides (the upsamplers' plain path) and even ones.
+    torch.manual_seed(0)
+    unet, context = sped_up(plain["unet"]), torch.randn(1, 77, 32)
+    for h, w in [(5, 7), (16, 16), (8, 8), (16, 16)]:
+        z = torch.randn(1, 4, h, w)
+        with torch.no_grad():
+            expected = plain["unet"](z.contiguous(memory_format=torch.channels_last), 500, context)
+            assert close_paths(unet(z, 500, context), expected)
 
 
 def test_sped_up_vae_computes_what_the_plain_vae_computes(tiny_cpu, plain, close_paths):
