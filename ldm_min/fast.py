@@ -15,11 +15,11 @@ malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform ==
 
 
 def hand_back_freed_memory():
-    """After plain weights (or copies made on the way) are freed for laid-out ones: glibc would keep most
-    of that memory, and the VAE decoder's large maps do not reuse it: bfloat16 peaked 0.3 GiB higher.
-    Each layer's at once: handed back every 64 MiB instead, or once after a model's call, the first
-    call took less time (the bfloat16 UNet's at 32x32 latents 2.1 -> 1.3 s without it, machine I), but
-    the peak rose 0.08 and 0.17 GiB in bfloat16 (`benchmarks/bench.py --steps 2`)."""
+    """After plain weights (or copies made on the way) are freed for laid-out ones, layer by layer: glibc
+    would keep most of that memory, and the VAE decoder's large maps do not reuse it (bfloat16 peaked
+    0.3 GiB higher). Handed back every 64 MiB instead, or once after a model's call, the bfloat16 UNet's
+    first call at 32x32 latents took 1.3 s rather than 2.1 (machine I), but the bfloat16 peak rose 0.08
+    and 0.17 GiB (`benchmarks/bench.py --steps 2`)."""
     if malloc_trim:
         malloc_trim(0)
 
