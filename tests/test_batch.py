@@ -62,6 +62,22 @@ def test_each_output_is_what_the_single_image_command_writes(cli, folders):
         assert files("out")[f"{stem}.png"] == Path(f"{stem}_single.png").read_bytes()
 
 
+def test_pictures_of_other_sizes_in_one_folder_each_get_their_single_run(cli, tmp_path, monkeypatch):
+    # One process, one model: an odd latent side first (the upsamplers' plain path), then an even one.
+    monkeypatch.chdir(tmp_path)
+    photo, mask = Image.open(GOLDEN / "astronaut128.png").convert("RGB"), Image.open(GOLDEN / "astronaut128_mask.png")
+    for folder in ("imgs", "masks"):
+        (tmp_path / folder).mkdir()
+    for name, box in (("a.png", (20, 30, 108, 102)), ("b.png", (0, 0, 128, 128))):  # 88x72: latents 11x9
+        photo.crop(box).save(tmp_path / "imgs" / name)
+        mask.crop(box).save(tmp_path / "masks" / name)
+    status, err = cli("imgs", "masks", "-o", "out")
+    assert status == 0 and "2 done, 0 failed -> out" in err
+    for name in ("a.png", "b.png"):
+        assert cli(f"imgs/{name}", f"masks/{name}", "-o", f"single_{name}")[0] == 0
+        assert files("out")[name] == Path(f"single_{name}").read_bytes()
+
+
 def test_a_rerun_does_no_work_and_overwrite_redoes_it(cli, folders):
     cli("imgs", "masks", "-o", "out")
     written = {p.name: p.stat().st_mtime_ns for p in Path("out").iterdir()}
