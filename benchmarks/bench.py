@@ -69,12 +69,15 @@ def parse_args(argv=None):
                         "for its time and peak memory (diffusers is not a dependency: a throwaway environment's)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
+    args.warmup_size = args.size if args.warmup_size is None else args.warmup_size
     if args.compile and args.device != "cuda":
         p.error("--compile is for CUDA only")
     if args.diffusers and (args.weights or args.compile or args.plain):
         p.error("--diffusers runs random weights, eagerly: not with --weights, --compile or --plain")
-    if args.size % 8:
-        p.error("--size must be a multiple of 8")
+    if args.size <= 0 or args.size % 8:
+        p.error("--size must be a positive multiple of 8")
+    if args.warmup_size <= 0:
+        p.error("--warmup-size must be positive")
     return args
 
 
@@ -263,10 +266,10 @@ def main(argv=None):
     weight_bytes = sum(p.numel() * p.element_size()
                        for m in (models.unet, models.vae, models.text_encoder) for p in m.parameters())
     # region "full": the model runs at the picture's size (the default, "auto", would inpaint a crop of a large one).
-    pictures = {size: demo_picture(size) for size in (args.size, args.warmup_size or args.size)}
+    pictures = {size: demo_picture(size) for size in (args.size, args.warmup_size)}
     run = lambda steps, size: inpaint(*pictures[size], models, Options(prompt=args.prompt, steps=steps, region="full"))
     for _ in range(args.warmup if args.warmup is not None else int(device.type == "cuda")):
-        run(1, args.warmup_size or args.size)
+        run(1, args.warmup_size)
 
     # The timed run: the real path, each part timed where sample()/inpaint() call it.
     models.encode_text = Timed(models.encode_text, device)

@@ -126,10 +126,10 @@ def openvino_calls(modules, inputs, dtype):
         import openvino  # noqa: F401  (only whether it is installed)
     except ImportError:
         return {}
-    calls = {}
+    config, calls = openvino_config(dtype), {}
     for part, module in modules.items():
         example = inputs[part]
-        request = openvino_request(module, example, openvino_config(dtype))
+        request = openvino_request(module, example, config)
         arrays = [tensor.numpy() for tensor in example]
         calls[part] = lambda request=request, arrays=arrays: request.infer(arrays)
         report("openvino", dtype, part, torch.from_numpy(calls[part]()[0]), module(*example))
