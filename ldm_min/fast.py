@@ -169,39 +169,51 @@ class PackedConv1d(nn.Conv1d):
             x.transpose(1, 2), self.weight[..., 0], self.bias, "none", [], "").transpose(1, 2)
 
 
-QUERIES = 256  # each thread's rows of a block of scores: at 64x64 on machine I, 256 beat 128, 192, 384, 512
+SCORES = 1 << 20  # in each thread's block: 256 queries of 4096 keys at 64x64 latents, on machine I better than 128, 192, 384, 512
 LANES = 16  # float32 sums in an AVX-512 register: oneDNN's products run fastest on columns in multiples of it
 
 
+def softmax(scores):
+    """softmax over the last dimension by oneDNN, on its own tensors. On both cores of a Zen 4 EPYC (machine
+    I), bfloat16: 0.22 ms a block of 256 x 4096 where PyTorch's takes 0.31, and over the text's 77 tokens
+    (8 heads x 4096 queries) 0.89 ms where PyTorch's takes 2.78."""
+    return scores.flatten(0, -2).to_mkldnn().softmax(-1).to_dense().view_as(scores)
+
+
 class BlockedAttention(Attention):
-    """Self-attention as oneDNN's matrix products and softmax for each head and block of queries,
-    QUERIES for each of torch's threads (the products share a block's rows among them), rather than
-    PyTorch's CPU flash attention. The scores stay in oneDNN's own tensors (`to_mkldnn`) between the
-    three calls: its softmax takes 0.22 ms a block of 256 x 4096 where PyTorch's takes 0.31. The
-    values get zero columns up to a multiple of LANES, which the second product computes and drops.
-    bfloat16, 8 heads x 4096 tokens x 40 (the UNet at 64x64): on one core of the AMD EPYC
-    (machine F), two oneDNN products and PyTorch's softmax took it 67 -> 151 GFLOP/s (8 x 1024 x 80:
-    81 -> 169). On both cores of a Zen 4 EPYC (machine I), the zero columns (40 -> 48) 125 -> 112 ms,
-    then oneDNN's softmax and 256 queries a thread 134 -> 117 ms (8 x 1024 x 80: 17.5 -> 14.4).
+    """Attention as oneDNN's matrix products and softmax, in blocks of scores that stay in cache, rather
+    than PyTorch's CPU flash attention. A head of SCORES scores or more (the self-attention at 32x32
+    latents and up) goes in blocks of SCORES for each of torch's threads, its rows of queries (the products
+    share a block's rows among them); between the calls the scores stay in oneDNN's tensors (`to_mkldnn`)
+    for its softmax. The values get zero columns up to a multiple of LANES, which the second product
+    computes and drops. Smaller heads (the cross-attention over the text's 77 tokens, the self-attention
+    at 16x16 and 8x8) go all at once: two batched products and oneDNN's softmax.
+    bfloat16, 8 heads x 4096 tokens x 40 (the UNet at 64x64): on one core of the AMD EPYC (machine F), two
+    oneDNN products and PyTorch's softmax took it 67 -> 151 GFLOP/s (8 x 1024 x 80: 81 -> 169). On both
+    cores of a Zen 4 EPYC (machine I), the zero columns (40 -> 48) 125 -> 112 ms, then oneDNN's softmax and
+    256 queries a thread 134 -> 117 ms (8 x 1024 x 80: 17.5 -> 14.4, then one block a head: 13.1 -> 11.5).
+    All heads at once, on machine I: the cross-attention at 4096, 1024 and 256 queries 5.4 -> 2.9, 1.9 ->
+    0.9 and 0.9 -> 0.5 ms, against the flash attention; the self-attention at 256 and 64 tokens 2.8 ->
+    1.2 and 1.6 -> 0.2 ms, against blocks by head.
     Not in float32: on machine F 69 -> 108 GFLOP/s with AVX-512 kernels but slower with AVX2 ones
-    (74 -> 65), and on machine I 166-176 ms against the flash attention's 156. Cross-attention, over
-    the text's 77 tokens, gains nothing and keeps the fused kernel."""
+    (74 -> 65), and on machine I 166-176 ms against the flash attention's 156."""
 
     def attend(self, q, k, v):
-        if k.shape[-2] != q.shape[-2]:
-            return super().attend(q, k, v)
-        d = q.shape[-1]
-        out, block = torch.empty_like(q), QUERIES * torch.get_num_threads()
-        for b in range(q.shape[0]):
-            for h in range(q.shape[1]):
-                keys = (k[b, h] * d ** -0.5).to_mkldnn()  # the rows of the product's weight
-                values = v.new_zeros(-(-d // LANES) * LANES, k.shape[-2])
-                values[:d] = v[b, h].t()
-                values = values.to_mkldnn()
-                for i in range(0, q.shape[2], block):
-                    scores = torch.ops.aten.mkldnn_linear(q[b, h, i:i + block].to_mkldnn(), keys, None)
-                    p_v = torch.ops.aten.mkldnn_linear(scores.softmax(-1), values, None)
-                    out[b, h, i:i + block] = p_v.to_dense()[:, :d]
+        d, n = q.shape[-1], k.shape[-2]
+        if q.shape[-2] * n < SCORES:
+            return softmax(q @ (k.transpose(-1, -2) * d ** -0.5)) @ v
+        block = SCORES * torch.get_num_threads() // n  # queries
+        values = v.new_zeros(*v.shape[:2], -(-d // LANES) * LANES, n)  # (B, heads, d + zeros, N)
+        values[..., :d, :] = v.transpose(-1, -2)
+        out = q.new_empty(q.shape)
+        # Head by head, (B, heads, ...) -> (B * heads, ...); q's heads, views of (B, N, heads * d), made
+        # contiguous at once rather than block by block.
+        for q_h, k_h, v_h, out_h in zip(q.contiguous().flatten(0, 1), (k * d ** -0.5).flatten(0, 1),
+                                        values.flatten(0, 1), out.flatten(0, 1)):
+            keys, values_h = k_h.to_mkldnn(), v_h.to_mkldnn()  # the rows of the products' weights
+            for queries, out_block in zip(q_h.split(block), out_h.split(block)):
+                scores = torch.ops.aten.mkldnn_linear(queries.to_mkldnn(), keys, None)
+                out_block.copy_(torch.ops.aten.mkldnn_linear(scores.softmax(-1), values_h, None).to_dense()[:, :d])
         return out
 
 
@@ -232,7 +244,7 @@ def packs(part, dtype):
 
 
 def blocks_attention(dtype):
-    """Whether self-attention runs as `BlockedAttention`: in bfloat16 where oneDNN has its kernels,
+    """Whether the attention runs as `BlockedAttention`: in bfloat16 where oneDNN has its kernels,
     but not with AMX, where it was not measured (a float32 version with MKL's products, machine D,
     took 157 ms against flash attention's 104)."""
     return dtype == torch.bfloat16 and can_pack(dtype) and not has_amx()
@@ -281,7 +293,7 @@ def speed_up(models, compile=False):
     """Make loaded `models` fast, in place: the VAE's encoder and decoder channels-last inside; on
     a CPU where oneDNN packs (`can_pack`), the linears of both models packed (the UNet's gated GELU
     fused), their convolutions where `packs` says (the UNet then channels-last inside too), the UNet's
-    self-attention blocked where `blocks_attention` says, and the upsampling fused: the VAE's, and the
+    attention blocked where `blocks_attention` says, and the upsampling fused: the VAE's, and the
     UNet's but its deepest. Their weights are laid out at the first call on each input shape.
     With `compile` the UNet is compiled by torch.compile (once per run: its timestep is a tensor
     input) and otherwise left plain. After this the modules are for inference only: no `.to()`, no

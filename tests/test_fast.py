@@ -166,24 +166,45 @@ def test_fused_gated_gelu_is_the_gated_gelu(dtype, agree):
     assert all(agree(a, b) for a, b in zip(out, expected))
 
 
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 50 queries a thread at 301 tokens (the last block short), so that a small attention takes
+    the path of the large ones; every head at once below 301 * 50 scores a head."""
+    monkeypatch.setattr(fast, "SCORES", 301 * 50)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_blocked_self_attention_is_the_attention(dtype, agree):
+def test_blocked_self_attention_is_the_attention(dtype, agree, small_blocks):
     torch.manual_seed(0)
-    attention = Attention(64, heads=2).to(dtype)
-    x = torch.randn(2, 2 * fast.QUERIES + 44, 64).to(dtype)  # the last block of queries is short
+    attention, x = Attention(64, heads=2).to(dtype), torch.randn(2, 301, 64).to(dtype)
     with torch.no_grad():
         expected = attention(x)
         attention.__class__ = fast.BlockedAttention
         assert agree(attention(x), expected)
 
 
-@packing(torch.float32)
-def test_blocked_attention_leaves_cross_attention_to_the_fused_kernel():
-    attention, x, context = Attention(64, heads=2, context_dim=32), torch.randn(1, 300, 64), torch.randn(1, 77, 32)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("context_dim, tokens", [(None, 40), (32, 150)])  # self-attention, cross-attention
+def test_attention_of_small_heads_is_the_attention(dtype, context_dim, tokens, agree, small_blocks):
+    torch.manual_seed(0)
+    attention, x = Attention(64, heads=2, context_dim=context_dim).to(dtype), torch.randn(2, tokens, 64).to(dtype)
+    context = torch.randn(2, 77, context_dim).to(dtype) if context_dim else None
     with torch.no_grad():
         expected = attention(x, context)
         attention.__class__ = fast.BlockedAttention
-        assert torch.equal(attention(x, context), expected)
+        assert agree(attention(x, context), expected)
+
+
+def test_heads_of_fewer_scores_than_a_block_go_all_at_once(monkeypatch, small_blocks):
+    at_once = []
+    monkeypatch.setattr(fast, "softmax", lambda scores: at_once.append(scores.shape) or scores.softmax(-1))
+    cross, self_ = Attention(64, heads=2, context_dim=32), Attention(64, heads=2)
+    cross.__class__ = self_.__class__ = fast.BlockedAttention
+    with torch.no_grad():
+        cross(torch.randn(1, 150, 64), torch.randn(1, 77, 32))
+        self_(torch.randn(1, 40, 64))
+        self_(torch.randn(1, 301, 64))  # 301 * 301 scores a head: in blocks
+    assert at_once == [(1, 2, 150, 77), (1, 2, 40, 40)]
 
 
 def test_attention_is_blocked_in_bfloat16_without_amx_only(monkeypatch):
