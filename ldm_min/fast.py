@@ -191,7 +191,8 @@ class BlockedAttention(Attention):
     bfloat16, 8 heads x 4096 tokens x 40 (the UNet at 64x64): on one core of the AMD EPYC (machine F), two
     oneDNN products and PyTorch's softmax took it 67 -> 151 GFLOP/s (8 x 1024 x 80: 81 -> 169). On both
     cores of a Zen 4 EPYC (machine I), the zero columns (40 -> 48) 125 -> 112 ms, then oneDNN's softmax and
-    256 queries a thread 134 -> 117 ms (8 x 1024 x 80: 17.5 -> 14.4, then one block a head: 13.1 -> 11.5).
+    256 queries a thread 134 -> 117 ms (8 x 1024 x 80: 17.5 -> 14.4, then one block a head: 13.1 -> 11.5;
+    8 x 9216 x 40, a 768 px picture, 227 queries a thread rather than 256: 522 -> 473 ms).
     All heads at once, on machine I: the cross-attention at 4096, 1024 and 256 queries 5.4 -> 2.9, 1.9 ->
     0.9 and 0.9 -> 0.5 ms, against the flash attention; the self-attention at 256 and 64 tokens 2.8 ->
     1.2 and 1.6 -> 0.2 ms, against blocks by head.
