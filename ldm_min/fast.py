@@ -169,7 +169,9 @@ class PackedConv1d(nn.Conv1d):
             x.transpose(1, 2), self.weight[..., 0], self.bias, "none", [], "").transpose(1, 2)
 
 
-SCORES = 1 << 20  # in each thread's block: 256 queries of 4096 keys at 64x64 latents, on machine I better than 128, 192, 384, 512
+# Scores in each thread's block: 256 queries of 4096 keys at 64x64 latents, on machine I better than 128, 192,
+# 384 or 512 queries.
+SCORES = 1 << 20
 LANES = 16  # float32 sums in an AVX-512 register: oneDNN's products run fastest on columns in multiples of it
 
 
@@ -211,10 +213,10 @@ class BlockedAttention(Attention):
         # contiguous at once rather than block by block.
         for q_h, k_h, v_h, out_h in zip(q.contiguous().flatten(0, 1), (k * d ** -0.5).flatten(0, 1),
                                         values.flatten(0, 1), out.flatten(0, 1)):
-            keys, values_h = k_h.to_mkldnn(), v_h.to_mkldnn()  # the rows of the products' weights
+            k_h, v_h = k_h.to_mkldnn(), v_h.to_mkldnn()  # the rows of the products' weights
             for queries, out_block in zip(q_h.split(block), out_h.split(block)):
-                scores = torch.ops.aten.mkldnn_linear(queries.to_mkldnn(), keys, None)
-                out_block.copy_(torch.ops.aten.mkldnn_linear(scores.softmax(-1), values_h, None).to_dense()[:, :d])
+                scores = torch.ops.aten.mkldnn_linear(queries.to_mkldnn(), k_h, None)
+                out_block.copy_(torch.ops.aten.mkldnn_linear(scores.softmax(-1), v_h, None).to_dense()[:, :d])
         return out
 
 
