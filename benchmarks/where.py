@@ -31,10 +31,13 @@ def kind(event):
     """The kind of work of one of torch.profiler's ops."""
     name = event.key
     for prefix, label in (("mkldnn::_convolution", "convolutions"), ("mkldnn::_linear", "linears"),
-                          # the blocked self-attention's own calls, on oneDNN's tensors
-                          ("aten::mkldnn_linear", "attention: products"), ("aten::_softmax", "attention: softmax"),
+                          # the blocked attention's own calls: its products on oneDNN's tensors, or batched
+                          # over heads (bmm) where a head is small, its softmax on oneDNN's tensors
+                          ("aten::mkldnn_linear", "attention: products"), ("aten::bmm", "attention: products"),
+                          ("aten::_softmax", "attention: softmax"),
                           ("aten::to_mkldnn", "attention: to and from oneDNN's tensors"),
                           ("aten::to_dense", "attention: to and from oneDNN's tensors"),
+                          ("aten::_to_dense", "attention: to and from oneDNN's tensors"),  # to_dense's own time
                           ("aten::_scaled_dot_product", "attention: PyTorch's fused kernel"),
                           ("aten::native_group_norm", "group and layer norms"), ("aten::native_layer_norm",
                                                                                  "group and layer norms")):
