@@ -42,7 +42,7 @@ from ldm_min import InputError, LdmMinError, Options, images, region
 from ldm_min.images import LATENT_MASK_RULES
 from ldm_min.options import LATENT_METHODS
 from ldm_min.region import REGIONS
-from ldm_min.sample import inpaint_tensors
+from ldm_min.pipeline import inpaint_tensors
 
 PAGE = Path(__file__).with_name("app.html")
 LOOPBACK = ("127.0.0.1", "localhost", "[::1]")  # the names this machine has for itself in a Host header

@@ -199,7 +199,7 @@ def main(argv=None):
     args = parse_args(argv)
     from ldm_min import images, region
     from jobs import save_atomically
-    from ldm_min.sample import inpaint_tensors
+    from ldm_min.pipeline import inpaint_tensors
 
     if args.quiet:
         warnings.simplefilter("ignore")
@@ -257,7 +257,7 @@ def load_method(args):
 def inpaint_pictures(args, pictures, models, callback):
     """Each (x, hole, options)'s result by --method, or the LdmMinError it failed with."""
     from ldm_min import ddnm
-    from ldm_min.sample import inpaint_batch
+    from ldm_min.pipeline import inpaint_batch
 
     return (ddnm.inpaint_pictures if args.method == "ddnm" else inpaint_batch)(pictures, models, callback)
 

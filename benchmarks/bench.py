@@ -8,7 +8,7 @@
 
 The models have the v1.4 architecture and random weights: speed does not depend on the values, so
 nothing is downloaded (`--weights FOLDER` loads a checkpoint instead, to measure loading too). The
-timed run is the real code path, `ldm_min.sample.inpaint`, with its parts wrapped in timers. It
+timed run is the real code path, `ldm_min.pipeline.inpaint`, with its parts wrapped in timers. It
 prints, per part: seconds, TFLOP/s achieved, and that rate as a fraction of what this machine does
 on a plain matmul and a plain 3x3 convolution in the same dtype, measured in the same run. Also: the
 peak memory of the run (with --plain, that of the plain path, which the CPU speed-ups of

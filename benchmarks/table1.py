@@ -10,7 +10,7 @@ Each image (found recursively under --data, or the ones --list names) is resized
 side is 512 pixels (Pillow's bicubic filter, which antialiases when it shrinks) and centre-cropped to
 512x512; each crop is inpainted as ldm_min's `inpaint()` does, with the paper's settings (`Options`),
 once per centred square hole of --masks pixels (with --batch N, N jobs through each UNet call, each
-within float rounding of its single run: `ldm_min.sample.inpaint_batch`). FID (torch-fidelity's
+within float rounding of its single run: `ldm_min.pipeline.inpaint_batch`). FID (torch-fidelity's
 Inception features) compares the inpainted crops with the original crops, per hole size.
 
 Under OUT: settings.json (a rerun must match it), crops/NNNN_<stem>.png, masks/holeS.png (white is
@@ -53,7 +53,7 @@ from ldm_min import InputError, Options, WeightsError, images  # noqa: E402
 from ldm_min import ddnm  # noqa: E402
 from ldm_min.caption import caption_tensors  # noqa: E402
 from ldm_min.options import LATENT_METHODS, DdnmOptions, check_seed  # noqa: E402
-from ldm_min.sample import inpaint_batch  # noqa: E402
+from ldm_min.pipeline import inpaint_batch  # noqa: E402
 from weights import DEFAULT_CAPTIONER, DEFAULT_REPO, load_adm, load_models, pick_device  # noqa: E402
 
 SIDE = 512  # the crop, the model's native size

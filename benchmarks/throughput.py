@@ -1,5 +1,5 @@
 """Images per second when many images are inpainted N at a time (`inpaint.py photos/ masks/ --batch N`,
-`table1.py --batch N`): the same path, `ldm_min.sample.inpaint_batch`.
+`table1.py --batch N`): the same path, `ldm_min.pipeline.inpaint_batch`.
 
     python benchmarks/throughput.py --device cuda --dtype float16 --batches 1,4,8,16 [--compile]
     python benchmarks/throughput.py --weights tests/golden/tiny-sd --size 128 --batches 1,4 --images 8
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 from bench import demo_picture, random_models, sync  # noqa: E402
 from ldm_min import Options, images  # noqa: E402
-from ldm_min.sample import inpaint_batch  # noqa: E402
+from ldm_min.pipeline import inpaint_batch  # noqa: E402
 from weights import load_models, pick_device, read_configs  # noqa: E402
 
 

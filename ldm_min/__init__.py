@@ -2,4 +2,5 @@
 from .errors import InputError, LdmMinError, NonFiniteError, WeightsError
 from .models import Models
 from .options import DdnmOptions, Options
-from .sample import inpaint, sample
+from .pipeline import inpaint
+from .sample import sample

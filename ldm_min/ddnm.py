@@ -167,7 +167,7 @@ def inpaint_ddnm(x, hole, model, options=DdnmOptions(), callback=None):
 
 def inpaint_pictures(pictures, model, callback=None):
     """`inpaint_ddnm()` of each (x, hole, options) of `pictures`, one after another. Returns, as
-    `sample.inpaint_batch` does, per picture its result or the LdmMinError it failed with."""
+    `pipeline.inpaint_batch` does, per picture its result or the LdmMinError it failed with."""
     results = []
     for x, hole, options in pictures:
         try:

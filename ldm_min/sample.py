@@ -1,159 +1,42 @@
-"""Algorithm 1 of Kakinuma et al. (`sample`), and the inpainting around it (`inpaint`), which runs
-it or, with Options(method="blend"), the blend of z_t that it is audited against (`blend.py`).
+"""Algorithm 1 of Kakinuma et al.: DDNM's projection done on Stable Diffusion's latents.
 
-Equation and line numbers are the paper's (the README's equation map lists them). The sampler's
-own arithmetic is float32 whatever the models' dtype.
+To be read beside the paper: every line carries its line of Algorithm 1 or its equation, and the
+names are its symbols (z_0t for z_{0|t}, zhat_0t for its projection, t_minus_1 for the timestep the
+step goes to). `blend.py` and `ddnm.py` are the two samplers it is compared with, written the same
+way; `pipeline.py` turns a photo and its mask into the inputs below. The arithmetic is float32
+whatever the models' dtype.
 """
-from dataclasses import replace
-
 import torch
 
-from . import images, noise, region
-from .blend import blend
-from .errors import InputError, LdmMinError, NonFiniteError
-from .options import Options
+from . import noise
 
 
 @torch.no_grad()
 def sample(eps_theta, Ey, M_l, D, schedule, *, T, eta, seed, callback=None):
     """Algorithm 1: inpaint in latent space and decode.
 
-    eps_theta(z_t, t): the noise prediction. Ey: E(y), the scaled posterior mean of the known
-    image, (1, 4, h, w). M_l: the latent mask, (1, 1, h, w), 1 where the latent is known (docs/conventions.md;
-    `images.latent_known_mask`: the paper's rule `nearest` samples the pixel hole at
-    (8i, 8j), and misses strokes thinner than 8 pixels; `cover` makes every latent pixel whose 8x8
-    cell holds a hole pixel a hole, for thin or scribbled masks).
-    D: the decoder. schedule: abar_t, the timesteps and sigma_t (`schedule.Schedule`). Returns
-    x_0 = D(z_0). callback(i, t, z_prev, z0, z0_hat), if given, sees every step.
-    B images of one size ride through at once as a batch: Ey (B, 4, h, w), M_l (B, 1, h, w), and
+    eps_theta(z_t, t): the UNet's noise prediction. Ey: E(y), the scaled posterior mean of the
+    known image, (1, 4, h, w). M_l: the latent mask, (1, 1, h, w), 1 where the latent is known
+    (`images.latent_known_mask`). D: the decoder. schedule: abar_t, the timesteps and sigma_t
+    (`schedule.Schedule`). T, eta: the paper's 30 and 0.85. Returns x_0 = D(z_0).
+    callback(i, t, z_t_minus_1, z_0t, zhat_0t), if given, sees step i (0 .. T-1) after line 5.
+    B images of one size go through at once as a batch: Ey (B, 4, h, w), M_l (B, 1, h, w), and
     `seed` a list of B seeds, one per image (an int is the seed of a single image).
     """
-    # All the noise, before the loop, on the images' CPU generators: z_T, then one eps_z per step when eta > 0.
-    [z], eps_zs = noise.draws(seed, Ey, 1, T * (eta > 0))                         # line 1: z_T ~ N(0, I)
-    for i, (t, t_prev) in enumerate(schedule.timesteps(T)):                       # line 2: for t = T .. 1 (to line 6)
-        abar_t, abar_prev = schedule.abar_at(t), schedule.abar_at(t_prev)
-        eps = eps_theta(z, t)                                                     # used by lines 3 and 5
-        z0 = (z - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()                      # line 3, eq. 3
-        z0_hat = M_l * Ey + (1 - M_l) * z0                                        # line 4, eq. 5
-        sigma = schedule.sigma(eta, abar_t, abar_prev)                            # eq. 2
-        eps_z = eps_zs[i] if eta > 0 else 0
-        z = abar_prev.sqrt() * z0_hat + (1 - abar_prev - sigma**2).sqrt() * eps + sigma * eps_z  # line 5, eq. 6
+    # z_T and every step's eps_z are drawn up front, from each image's own seeded CPU generator, so
+    # that a seed gives the same picture on any device and in any batch (docs/conventions.md).
+    [z_T], eps_z = noise.draws(seed, Ey, 1, T * (eta > 0))                      # line 1: z_T ~ N(0, I)
+    z_t = z_T                                                                   # line 5 makes it z_{t-1}: the next z_t
+    for i, (t, t_minus_1) in enumerate(schedule.timesteps(T)):                  # line 2: for t = T .. 1
+        abar_t, abar_t_minus_1 = schedule.abar_at(t), schedule.abar_at(t_minus_1)
+        eps = eps_theta(z_t, t)                                                 # eps_theta(z_t, t), for lines 3 and 5
+        z_0t = (z_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()                # line 3, eq. 3
+        zhat_0t = M_l * Ey + (1 - M_l) * z_0t                                   # line 4, eq. 5
+        sigma_t = schedule.sigma(eta, abar_t, abar_t_minus_1)                   # eq. 2
+        noise_t = sigma_t * eps_z[i] if eta > 0 else 0                          # sigma_t eps_z (none at eta = 0)
+        z_t = abar_t_minus_1.sqrt() * zhat_0t + (1 - abar_t_minus_1 - sigma_t**2).sqrt() * eps + noise_t  # line 5, eq. 6
         if callback:
-            callback(i, t, z, z0, z0_hat)
-    x0 = D(z)                                                                     # line 7: x_0 = D(z_0)
-    return x0                                                                     # line 8
-
-
-def eps_model(models, prompt, guidance):
-    """eps_theta(z_t, t) of `models`, float32 in and out. With a prompt, classifier-free guidance
-    eps_u + g (eps_c - eps_u) from one UNet pass on twice the batch; without one (or at g = 1,
-    where that is just eps_c), one pass on the prompt's embedding (docs/conventions.md). For a
-    batch of images, `prompt` is a list: one prompt per image."""
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    guided = any(prompts) and guidance != 1
-    embeddings = {p: models.encode_text(p) for p in dict.fromkeys(prompts)}  # each distinct prompt once
-    context = torch.cat([embeddings[p] for p in prompts])  # one row per image
-    if guided:
-        context = torch.cat([models.encode_text("").expand_as(context), context])  # [unconditional, conditional]
-
-    def eps_theta(z, t):
-        # t goes in as a tensor on the UNet's device: a compiled UNet takes that as an input,
-        # where it would compile anew for each new Python int. torch.full writes it there, where
-        # torch.tensor would copy it from the CPU and wait for the GPU.
-        z = z.to(models.dtype)
-        eps = models.unet(torch.cat([z, z]) if guided else z, torch.full((), t, device=z.device), context).float()
-        if guided:
-            eps_u, eps_c = eps.chunk(2)
-            eps = eps_u + guidance * (eps_c - eps_u)
-        return eps
-
-    return eps_theta
-
-
-@torch.no_grad()
-def inpaint(image, mask, models, options=Options(), callback=None):
-    """Fill the hole of `image` (PIL) that `mask` (PIL) marks, white unless options.invert_mask;
-    returns a PIL RGB image of the same size. `callback` as for `sample()` (`blend()` with
-    options.method "blend")."""
-    x, hole = images.prepare(image, mask, options.invert_mask)
-    return images.to_pil(inpaint_tensors(x, hole, models, options, callback))
-
-
-@torch.no_grad()
-def inpaint_tensors(x, hole, models, options, callback=None):
-    """`inpaint()` on the tensors of `images.prepare()`: x (1, 3, H, W) in [-1, 1], hole
-    (1, 1, H, W), 1 = paint here. Returns the result, (1, 3, H, W) in [-1, 1]. A big image is
-    inpainted in a crop around the hole (`region.box_for`), at the model's scale."""
-    [result] = inpaint_batch([(x, hole, options)], models, callback)
-    if isinstance(result, LdmMinError):
-        raise result
-    return result
-
-
-@torch.no_grad()
-def inpaint_batch(pictures, models, callback=None):
-    """`inpaint_tensors()` of each (x, hole, options) of `pictures`, those of one size inside the
-    model (after the region's crop and the padding) and with the same settings but for the seed and
-    the prompt sampled together, through each UNet call. Each draws its own seed's noise, so each
-    result is the one it gives alone, up to float rounding. Returns, per picture, its result or the
-    LdmMinError it failed with: a picture fails alone."""
-    results, batches = [None] * len(pictures), {}
-    for k, (x, hole, options) in enumerate(pictures):
-        try:
-            prepared = prepare(x, hole, models, options)
-        except InputError as e:
-            results[k] = e
-            continue
-        _, _, _, options, Ey, _ = prepared
-        same = (Ey.shape, options.method, options.steps, options.eta, options.guidance, bool(options.prompt))
-        batches.setdefault(same, []).append((k, *prepared))
-    # One image at a time through the VAE's decoder: its peak memory is one image's (check_memory).
-    D = lambda z: torch.cat([models.vae.decode(z_k.to(models.dtype)).float() for z_k in z.split(1)])
-    for batch in batches.values():
-        ks, boxes, xs, holes, settings, Eys, M_ls = zip(*batch)
-        first = settings[0]  # the settings they share
-        sampler = blend if first.method == "blend" else sample  # where E(y) enters: z_t, or eq. 5's z_{0|t}
-        x0s = sampler(eps_model(models, [s.prompt for s in settings], first.guidance), torch.cat(Eys),
-                      torch.cat(M_ls), D, models.schedule, T=first.steps, eta=first.eta,
-                      seed=[s.seed for s in settings], callback=callback)
-        for k, x0, x, hole, box, options in zip(ks, x0s.split(1), xs, holes, boxes, settings):
-            try:
-                result = finish(x0, x, hole, models, options)
-            except NonFiniteError as e:
-                results[k] = e
-                continue
-            whole_x, whole_hole, _ = pictures[k]
-            results[k] = region.paste_crop(whole_x, whole_hole, box, result) if box else result
-    return results
-
-
-def prepare(x, hole, models, options):
-    """One picture's inputs to Algorithm 1: E(y) and M_l, of its crop at the model's scale when the
-    region says so (`region.box_for`), padded to multiples of 8. Returns (box, x, hole, options,
-    Ey, M_l), x and hole those of the crop, and options the crop's own."""
-    box = region.box_for(hole, options)
-    if box:  # the crop itself, at the model's scale; blended over the hole after
-        x, hole = region.scaled_crop(x, hole, box)
-        options = replace(options, region="full", paste_back=False)
-    x, hole = x.to(models.device), hole.to(models.device)
-    x8, hole8 = images.pad_to_8(x, hole)
-    models.check_memory(*x8.shape[-2:])
-    y = x8 * (1 - hole8)                                              # y = M_p * x: holes at 0, mid-grey
-    Ey = models.vae.encode(y.to(models.dtype)).float()                # E(y), computed once
-    M_l = images.latent_known_mask(hole8, options.dilate, options.latent_mask)
-    images.check_latent_hole(hole8, M_l)
-    return box, x, hole, options, Ey, M_l
-
-
-def finish(x0, x, hole, models, options):
-    """The result of one image from its x_0 = D(z_0): checked, the padding cropped off, pasted back."""
-    if not torch.isfinite(x0).all():
-        dtype = str(models.dtype).removeprefix("torch.")
-        advice = {"float16": "float16 overflowed: run again with --dtype bfloat16 or float32",
-                  "bfloat16": "run again with --dtype float32"}.get(
-            dtype, "the model itself gave non-finite values: corrupt weights, or an extreme guidance?")
-        raise NonFiniteError(f"sampling produced inf/NaN in {dtype}: {advice}")
-    x0 = x0[..., :x.shape[-2], :x.shape[-1]]                          # crop the padding back off
-    if options.paste_back:
-        x0 = images.paste_back(x0, x, hole, options.feather)
-    return x0
+            callback(i, t, z_t, z_0t, zhat_0t)
+    z_0 = z_t                                                                   # line 6: end (t - 1 = 0)
+    x_0 = D(z_0)                                                                # line 7: x_0 = D(z_0)
+    return x_0                                                                  # line 8

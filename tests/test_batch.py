@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from ldm_min import NonFiniteError, Options, images
-from ldm_min.sample import inpaint_batch, inpaint_tensors
+from ldm_min.pipeline import inpaint_batch, inpaint_tensors
 from ldm_min.unet import UNet
 
 

@@ -7,7 +7,7 @@ import torch
 
 from ldm_min import InputError, Options, images, inpaint, sample
 from ldm_min.blend import blend
-from ldm_min.sample import eps_model, inpaint_tensors
+from ldm_min.pipeline import eps_model, inpaint_tensors
 from test_sample import SCHEDULE, point_mass_eps
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -7,7 +7,7 @@ from PIL import Image
 
 import inpaint
 from ldm_min import Options, images
-from ldm_min.sample import inpaint_tensors
+from ldm_min.pipeline import inpaint_tensors
 from test_batch import grey_levels_apart
 
 GOLDEN = Path(__file__).parent / "golden"

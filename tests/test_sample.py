@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ldm_min import sample
-from ldm_min.sample import eps_model
+from ldm_min.pipeline import eps_model
 from ldm_min.schedule import Schedule
 from weights import load_models, read_configs
 
