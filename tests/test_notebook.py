@@ -1,11 +1,14 @@
 """notebooks/algorithm1.ipynb: every code cell runs, in order, on the tiny checkpoint, and draws
-pictures of the expected sizes, with DDNM's ADM file and without it (its cells then step aside); its prose cites equations (1)-(6) and lines 1-8 of Algorithm 1;
-it is committed with its outputs cleared. No Jupyter needed: the .ipynb is plain JSON."""
+pictures of the expected sizes, with DDNM's ADM file and without it (its cells then step aside); it
+walks Algorithm 1 by hand, each line checked against sample()'s own value; its prose cites
+equations (1)-(6), lines 1-8 of Algorithm 1 and the paper's three typos; it is committed with the
+outputs of a run, in order. No Jupyter needed: the .ipynb is plain JSON."""
 import json
 import re
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "algorithm1.ipynb"
@@ -78,11 +81,11 @@ def test_runs_and_draws_expected_sizes(ns):
 
     # The run itself: one callback per step, the latent shapes of a 128x128 photo, and inpaint()
     # reproducing the step-by-step result exactly on the CPU.
-    assert len(ns["trace"]) == steps == 5 and shown == 5
-    assert [t for _, t, _, _ in ns["trace"]] == [t for t, _ in ns["schedule"].timesteps(steps)]
-    assert tuple(ns["trace"][0][2].shape) == (1, 4, h // 8, w // 8)
+    assert len(ns["record"]) == steps == 5 and shown == 5
+    assert [t for t, _, _, _ in ns["record"]] == [t for t, _ in ns["schedule"].timesteps(steps)]
+    assert tuple(ns["record"][0][1].shape) == (1, 4, h // 8, w // 8)
     assert len(ns["shown"]) == shown and ns["shown"][0] == 0 and ns["shown"][-1] == steps - 1
-    assert tuple(ns["x0"].shape) == (1, 3, h, w)
+    assert tuple(ns["x_0"].shape) == (1, 3, h, w)
     assert ns["result"].size == ns["pasted"].size == (w, h)
     assert ns["inpaint_diff"] == 0
     # Eq. 4 beside eq. 5 on the photo at 256: every DDNM call and Algorithm 1 step seen, DDNM exact where known.
@@ -90,6 +93,12 @@ def test_runs_and_draws_expected_sizes(ns):
     assert ns["negative"] > 0  # the printed sigma_t makes a square root imaginary somewhere
     # The dilation exists because of cut cells that count as known without it.
     assert ((ns["cut"]) & (ns["M_l0"] > 0)).any() and not ((ns["cut"]) & (ns["M_l"] > 0)).any()
+
+
+def test_pictures_that_need_trained_weights_say_so_under_random_ones(ns):
+    assert ns["RANDOM_WEIGHTS"]
+    assert set(ns["captions"]) == {"forward", "eq3", "eq4", "Ey", "steps", "result", "eq4_eq5", "projections"}
+    assert all(c.startswith("Random weights: ") and "v1.4 weights: " in c for c in ns["captions"].values())
 
 
 def test_the_blend_runs_every_step_and_ends_on_e_y_where_known(ns):
@@ -102,10 +111,33 @@ def test_without_the_adms_file_ddnm_steps_aside_in_one_line_and_the_rest_runs(mo
     monkeypatch.delenv("LDM_MIN_ADM_WEIGHTS", raising=False)
     printed = []
     ns = run_cells(cells("code"), ROOT, monkeypatch, settings={"STEPS": 2}, printed=printed)
-    skipped = [line for line in printed if "DDNM" in line]
+    skipped = [line for line in printed if line.startswith("DDNM")]
     assert len(skipped) == 1 and skipped[0].startswith("DDNM skipped: ") and "LDM_MIN_ADM_WEIGHTS" in skipped[0]
     assert "eq4_eq5" not in ns["figures"] and {"steps", "result"} <= ns["figures"].keys()
     assert ns["inpaint_diff"] == 0 and "adm" not in ns
+
+
+@pytest.mark.parametrize("steps, eta", [(3, 0.85), (1, 0.85), (2, 0.0)])
+def test_the_hand_walk_checks_every_line_of_the_first_and_last_iteration(monkeypatch, steps, eta):
+    """Lines 3-5 of the first iteration, lines 3-5 and 7 of the last, each equal to sample()'s; and
+    the paper's abar_0 = 1 puts E(y) itself in z_0's known latents (checked in the notebook's cells)."""
+    printed = []
+    ns = run_cells(cells("code"), ROOT, monkeypatch, settings={"STEPS": steps, "ETA": eta}, printed=printed)
+    checked = [line.split(":")[0] for line in printed if ": equals sample()'s" in line]
+    assert checked == ["line 3, z_0|t", "line 4, zhat_0|t", "line 5, z_t-1",
+                       "line 3, z_0|t", "line 4, zhat_0|t", "line 5, z_0", "line 7, x_0 = D(z_0)"]
+    assert len(ns["eps_z"]) == (steps if eta > 0 else 0)
+    assert torch.equal(ns["D"](ns["z_0_config"]), ns["x_0"])
+
+
+def test_the_hand_walk_fails_when_sample_departs_from_the_formulas(monkeypatch):
+    """The hand-walked cells compare, not copy: a sampler that skips eq. 5 is caught at line 4."""
+    import ldm_min
+    from ldm_min.blend import blend
+
+    monkeypatch.setattr(ldm_min, "sample", blend)  # the notebook imports `sample` from ldm_min
+    with pytest.raises(AssertionError, match="line 4"):
+        run_cells(cells("code"), ROOT, monkeypatch, settings={"STEPS": 2})
 
 
 def test_a_named_adm_file_that_is_missing_is_the_loaders_error(monkeypatch, tmp_path):
@@ -124,7 +156,7 @@ def test_finds_the_repository_from_notebooks_folder(monkeypatch):
     assert ns["ROOT"] == ROOT.resolve()
 
 
-def test_prose_cites_the_paper_and_outputs_are_cleared():
+def test_prose_cites_the_paper_and_its_three_typos():
     notebook = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
     assert notebook["nbformat"] == 4
     prose = "\n".join(cells("markdown"))
@@ -132,13 +164,39 @@ def test_prose_cites_the_paper_and_outputs_are_cleared():
         assert re.search(rf"[Ee]quations? \({n}\)|[Ee]quations \(\d\) (and|to) \({n}\)", prose), f"equation ({n})"
     for n in range(1, 9):
         assert re.search(rf"\b[Ll]ines? {n}\b", prose), f"line {n} of Algorithm 1"
-    assert len(re.findall(r"[Tt]ypo of the printed paper", prose)) == 2  # abar's product, sigma_t's last factor
-    for c in notebook["cells"]:
-        assert isinstance(c["source"], (str, list))
-        if c["cell_type"] == "code":
-            assert c["execution_count"] is None and c["outputs"] == [], "outputs must be cleared"
+    assert len(re.findall(r"[Tt]ypo of the printed paper", prose)) == 3  # abar's product, sigma_t's last factor, A^+ A y
     try:
         import nbformat
     except ImportError:
         return
     nbformat.validate(nbformat.reads(NOTEBOOK.read_text(encoding="utf-8"), as_version=4))
+
+
+def test_is_committed_with_every_code_cells_outputs_in_execution_order():
+    notebook = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
+    code = [c for c in notebook["cells"] if c["cell_type"] == "code"]
+    assert [c["execution_count"] for c in code] == list(range(1, len(code) + 1))
+    for n, c in enumerate(code):
+        assert c["outputs"], f"code cell {n} has no output"
+        assert all(o["output_type"] in ("stream", "display_data") for o in c["outputs"]), f"code cell {n} failed"
+    shown = sum("image/jpeg" in o.get("data", {}) for c in code for o in c["outputs"])
+    assert shown == 9  # every figure of a run without the ADM's file (the stored one), once
+
+
+def stored_text(cell):
+    return "".join("".join(o["text"]) for o in cell["outputs"] if o["output_type"] == "stream")
+
+
+def test_committed_outputs_that_need_no_trained_weights_are_what_the_code_prints_now(monkeypatch):
+    """The schedule's numbers, sigma's typo and the hand-walked checks: a change to the code that
+    moves them without a new run of the notebook fails here."""
+    notebook = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
+    code = [c for c in notebook["cells"] if c["cell_type"] == "code"]
+    sources = ["".join(c["source"]) for c in code]
+    table = next(n for n, source in enumerate(sources) if "with the printed sigma" in source)
+    for n in (table - 1, table):  # abar_t, then the T = 30 timesteps with sigma_t, printed and as printed
+        printed, stored = [], stored_text(code[n]).splitlines()
+        run_cells(sources[:n + 1], ROOT, monkeypatch, printed=printed)
+        assert printed[-len(stored):] == stored, f"code cell {n}"
+    checks = [line for c in code for line in stored_text(c).splitlines() if ": equals sample()'s" in line]
+    assert len(checks) == 7
