@@ -207,7 +207,8 @@ def test_the_equation_maps_pointers_are_in_the_code():
         if re.fullmatch(r"ldm_min/\w+\.py", span):
             assert (ROOT / span).exists(), span
         elif re.match(r"(line \d|eq\. \d|BLD, Alg\. \d)", span):
-            assert f"# {span}" in code, f"no comment tagged {span!r} in ldm_min/"
+            tagged = f"# {span}" in code
+            assert tagged, f"no comment tagged {span!r} in ldm_min/"
         elif match := re.fullmatch(r"(\w+)\(\)", span):
             assert re.search(rf"^\s*def {match[1]}\(", code, re.M), span
         elif match := re.fullmatch(r"([A-Z]\w*)\.(\w+)", span):
