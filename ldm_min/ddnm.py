@@ -64,8 +64,10 @@ def calls_per_window(walk):
 def ddnm(eps_theta, y, m, schedule, walk, noise, callback=None):
     """DDNM on one window, as hq demo runs it: returns xhat_{0|0}, whose known pixels are y's.
 
-    eps_theta(x_t, t): the ADM's eps (its first 3 output channels). y: A†Ay, the known pixels,
-    (B, 3, 256, 256) in [-1, 1], 0 in the hole; m: (B, 1, 256, 256), 1 where known: A = A† = diag(m).
+    eps_theta(x_t, t): the ADM's eps (its first 3 output channels). y: the observation A x, the known
+    pixels, (B, 3, 256, 256) in [-1, 1], 0 in the hole; m: (B, 1, 256, 256), 1 where known:
+    A = A† = diag(m). Eq. 4 is DDNM's A†y + (I - A†A) x_{0|t}; the paper prints A†Ay, a typo that
+    changes nothing here: with a 0/1 mask, A†Ay = m * m * y = A†y.
     schedule: `AdmSchedule`; walk: `travel()`'s. noise: (len(walk), B, 3, 256, 256): x_T, then one
     draw per move of the walk. callback(k, t, x, x0, x0_hat), if given, sees every UNet call.
     Where `sample()` takes a DDIM step (eq. 2 with eta, the paper's §2.2 reading of DDNM), hq demo,
@@ -82,7 +84,7 @@ def ddnm(eps_theta, y, m, schedule, walk, noise, callback=None):
         t, abar_t = schedule.timesteps[i], schedule.abar[i]
         eps = eps_theta(x, t)                                                     # eps_theta(x_t, t)
         x0 = ((x - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()).clamp(-1, 1)       # eq. 3, clipped (clip_denoised)
-        x0_hat = m * y + (1 - m) * x0                                             # eq. 4: A†Ay + (I - A†A) x_{0|t}
+        x0_hat = m * y + (1 - m) * x0                                             # eq. 4: A†y + (I - A†A) x_{0|t}
         x = schedule.coef_x0[i] * x0_hat + schedule.coef_xt[i] * x + schedule.sigma[i] * noise[n + 1]  # DDPM step
         if callback:
             callback(k, t, x, x0, x0_hat)
@@ -149,7 +151,7 @@ def inpaint_ddnm(x, hole, model, options=DdnmOptions(), callback=None):
     eps_theta, generator = adm_eps(model), torch.Generator().manual_seed(options.seed)
     x, hole = x.to(parameter.device), hole.to(parameter.device)
     known = 1 - hole
-    canvas = x * known                                                            # y = A†Ay: 0 in the hole
+    canvas = x * known                                                            # y = A x: 0 in the hole
     per_window = calls_per_window(walk)
     for n, (top, left) in enumerate(plan(hole)):
         box = (..., slice(top, top + WINDOW), slice(left, left + WINDOW))

@@ -187,3 +187,48 @@ def test_a_missing_file_or_heading_is_caught(tmp_path):
     page.write_text("[ok](there.md#a-heading-with-punctuation) [gone](missing.md) [no heading](there.md#nowhere) "
                     "[web](https://example.org/x) `[in code](missing.md)`\n")
     assert broken_links(page) == ["missing.md", "there.md#nowhere"]
+
+
+def equation_map_rows():
+    """The README's equation map: each table row of its section."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Equation map", 1)[1].split("\n## ", 1)[0]
+    return [line for line in section.splitlines() if line.startswith("|") and not line.startswith("|---")]
+
+
+def test_the_equation_maps_pointers_are_in_the_code():
+    """Each file it names exists; each line tag it quotes (`line 3, eq. 3`, `eq. 4`, `BLD, Alg. 1`) is
+    a comment in ldm_min/, each `name()` a function there, each `Class.method` that class's method."""
+    sources = {path.name: path.read_text(encoding="utf-8") for path in (ROOT / "ldm_min").glob("*.py")}
+    code = "\n".join(sources.values())
+    spans = [span for row in equation_map_rows() for span in INLINE.findall(row)]
+    assert any(span.startswith("line 3") for span in spans)  # the map was found and read
+    for span in spans:
+        if re.fullmatch(r"ldm_min/\w+\.py", span):
+            assert (ROOT / span).exists(), span
+        elif re.match(r"(line \d|eq\. \d|BLD, Alg\. \d)", span):
+            tagged = f"# {span}" in code
+            assert tagged, f"no comment tagged {span!r} in ldm_min/"
+        elif match := re.fullmatch(r"(\w+)\(\)", span):
+            assert re.search(rf"^\s*def {match[1]}\(", code, re.M), span
+        elif match := re.fullmatch(r"([A-Z]\w*)\.(\w+)", span):
+            assert any(re.search(rf"^class {match[1]}\b", text, re.M) and re.search(rf"^\s+def {match[2]}\(", text, re.M)
+                       for text in sources.values()), span
+
+
+def test_the_readmes_line_count_of_ldm_min_holds_to_the_hundred():
+    """The README says how long ldm_min/ is, counted as `cat ldm_min/*.py | wc -l` counts it."""
+    said = re.search(r"about ([\d,]+) lines as\s+`cat ldm_min/\*\.py \| wc -l`", (ROOT / "README.md").read_text(encoding="utf-8"))
+    assert said, "the README no longer says how many lines ldm_min/ has, or how they are counted"
+    lines = sum(len(path.read_bytes().splitlines()) for path in (ROOT / "ldm_min").glob("*.py"))
+    assert abs(int(said[1].replace(",", "")) - lines) <= 50, f"ldm_min/ has {lines} lines now"
+
+
+def test_every_count_of_the_papers_printed_typos_says_three():
+    """Eq. 1's product to T, eq. 2's sigma, eq. 4's A^+ A y: wherever a number of typos is given."""
+    files = [*PAGES, *sorted((ROOT / "ldm_min").glob("*.py")), ROOT / "inpaint.py", ROOT / "app.py"]
+    counts = [(path.name, match[1]) for path in files
+              for match in re.finditer(r"\b(one|two|three|four|five|both|\d+)\s+(?:\w+\s+)?typos\b",
+                                       path.read_text(encoding="utf-8"), re.I)]
+    assert counts  # the README and docs/conventions.md say it
+    assert [(name, word) for name, word in counts if word.lower() != "three"] == []
