@@ -28,6 +28,15 @@ inpaints the same crops with the same masks and seeds into inpainted/ddnm/holeS/
 the table then has both measured rows beside the paper's. With --method blend, the blend of z_t
 (`ldm_min.blend`, the classic alternative to eq. 5) does, into inpainted/blend/holeS/, with the
 paper's method's weights and `Options` (an OUT holding both must have the same) and each job's seed.
+
+With --protocol authors, the run is Table 1 as its authors' code ran it (github.com/Yus314/SD_uv-nix),
+where that differs from the paper's text (docs/table1.md, "The authors' protocol"): each photo squashed
+to 512x512, their one-pixel-short black holes (136 and 168 only), E(y) = 0.1825 * posterior mean, their
+latent squares as M_l, guidance 7.5 on two empty prompts, and only the hole of D(z_0) pasted into the
+masked crop. The noise is theirs too: per hole size one CPU generator seeded with --seed, its draws
+running on from image to image in the run's order (--list's order, kept as written, else sorted).
+The harness makes E(y) and M_l and calls `sample()` with them; nothing of this enters `Options`.
+With --method ddnm, DDNM's inputs are its fork's: the same squashed crops, the centred hole.
 """
 import argparse
 import hashlib
@@ -53,7 +62,8 @@ from ldm_min import InputError, Options, WeightsError, images  # noqa: E402
 from ldm_min import ddnm  # noqa: E402
 from ldm_min.caption import caption_tensors  # noqa: E402
 from ldm_min.options import LATENT_METHODS, DdnmOptions, check_seed  # noqa: E402
-from ldm_min.pipeline import inpaint_batch  # noqa: E402
+from ldm_min.pipeline import finish, inpaint_batch  # noqa: E402
+from ldm_min.sample import sample  # noqa: E402
 from weights import DEFAULT_CAPTIONER, DEFAULT_REPO, load_adm, load_models, pick_device  # noqa: E402
 
 SIDE = 512  # the crop, the model's native size
@@ -69,6 +79,14 @@ PAPER_CAPTION = {"bsds500": {168: 51.05, 136: 37.33}, "imagenet": {168: 27.82, 1
 # paper's oracle), the caption of the masked crop (what a user has: the paper's future work).
 PROMPT_KINDS = ("none", "original", "masked")
 DATASET_NAMES = {"bsds500": "BSDS500", "imagenet": "ImageNet-1k", "imagenet-o": "ImageNet-O", "other": "other"}
+
+# --protocol: "paper", the paper's text; "authors", their code's (Yus314/SD_uv-nix, each constant from the
+# file named beside it), which made the paper's "proposed" row.
+PROTOCOLS = ("paper", "authors")
+AUTHORS_LATENT_HOLES = {136: (23, 41), 168: (20, 44)}  # config.py latent_mask_min, _max: M_l's [min, max) squared
+AUTHORS_ENCODE_SCALE = 0.1825   # process.py: latents_y = 0.1825 * posterior mean (SD's factor is 0.18215)
+AUTHORS_DECODE_SCALE = 0.18215  # sampler.py: latents = 1 / 0.18215 * latents, then the decoder
+AUTHORS_GUIDANCE = 7.5          # config.py guidance_scale, applied to two empty prompts (util.gen_text_embeddings)
 
 
 def mask_sizes(text):
@@ -124,6 +142,9 @@ def parse_args(argv):
                    help="none (the paper's), original (BLIP caption of the original crop, the paper's oracle column), "
                         "masked (BLIP caption of the crop with the hole hidden), separated by commas (default none)")
     p.add_argument("--captioner", help=f"BLIP captioner, local folder or hub repo id (default {DEFAULT_CAPTIONER})")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="paper",
+                   help="paper: the paper's text; authors: Table 1 as the authors' code ran it (docs/table1.md), "
+                        "holes 136 and 168 only (default %(default)s)")
     p.add_argument("--no-fid", action="store_true", help="inpaint only: no Inception weights needed")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     args = p.parse_args(argv)
@@ -138,6 +159,15 @@ def parse_args(argv):
         for flag, value in options:
             if value and args.method not in methods:
                 p.error(f"{flag} means nothing with --method {args.method}")
+    if args.protocol == "authors":  # their code has the paper's method and its baseline, without captions
+        if args.method == "blend":
+            p.error("--method blend means nothing with --protocol authors: their code runs eq. 5 only")
+        if args.prompts != ["none"]:
+            p.error("--prompts means nothing with --protocol authors: their Table 1 run had no prompt")
+        odd = [s for s in args.masks if s not in AUTHORS_LATENT_HOLES]
+        if odd:
+            p.error(f"--protocol authors takes holes of {' and '.join(map(str, AUTHORS_LATENT_HOLES))} only: their "
+                    f"config.py sets latent squares for these, and has no rule for {odd[0]}")
     if args.method == "ddnm" and not args.adm_weights:
         p.error("--method ddnm needs --adm-weights FILE, guided-diffusion's 256x256_diffusion_uncond.pt")
     if args.steps is None:
@@ -145,9 +175,10 @@ def parse_args(argv):
     return args
 
 
-def find_images(data, list_file, out):
+def find_images(data, list_file, out, keep_order=False):
     """The images of the run, as paths relative to `data`, sorted: every image file under `data`
-    (not under `out`), or those `list_file` names (blank lines and lines starting with # ignored)."""
+    (not under `out`), or those `list_file` names (blank lines and lines starting with # ignored),
+    in the file's order if `keep_order` (each name once)."""
     data = Path(data)
     if not data.is_dir():
         raise InputError(f"--data {data}: not a folder")
@@ -156,7 +187,9 @@ def find_images(data, list_file, out):
             lines = Path(list_file).read_text().splitlines()
         except OSError as e:
             raise InputError(f"--list {list_file}: cannot read it ({e.strerror})") from None
-        names = sorted({line.strip() for line in lines if line.strip() and not line.startswith("#")})
+        names = list(dict.fromkeys(line.strip() for line in lines if line.strip() and not line.startswith("#")))
+        if not keep_order:
+            names.sort()
         missing = [n for n in names if not (data / n).is_file()]
         if missing:
             raise InputError(f"--list {list_file}: {len(missing)} of {len(names)} files are not under {data}, "
@@ -181,12 +214,109 @@ def centre_crop(image):
     return image.crop((left, top, left + SIDE, top + SIDE))
 
 
-def hole_mask(side):
-    """512x512, white (255) on the centred side x side hole, at ((512 - side) // 2, same)."""
-    mask = np.zeros((SIDE, SIDE), np.uint8)
+def squash(image):
+    """The authors' 512x512 (util.py load_image, make_masked_dataset.py: `Image.open(p).convert("RGB")
+    .resize((512, 512))`): the photo as stored (no EXIF rotation), resized whole, its shape lost, with
+    Pillow's default filter, bicubic (which antialiases when it shrinks)."""
+    return image.convert("RGB").resize((SIDE, SIDE), Image.Resampling.BICUBIC)
+
+
+def hole_rows(side, holes="paper"):
+    """The rows (and columns) of the hole of side `side` in a 512 crop. "paper": centred, side pixels
+    from (512 - side) // 2. "authors": their config.py get_mask_range, [256 - side // 2, 256 + side // 2
+    - 1), one pixel short: 135 pixels for 136 (their folders say "_135"), 167 for 168."""
+    if holes == "authors":
+        return slice(SIDE // 2 - side // 2, SIDE // 2 + side // 2 - 1)
     a = (SIDE - side) // 2
-    mask[a:a + side, a:a + side] = 255
+    return slice(a, a + side)
+
+
+def hole_mask(side, holes="paper"):
+    """512x512, white (255) on the square hole of `hole_rows(side, holes)`."""
+    mask = np.zeros((SIDE, SIDE), np.uint8)
+    mask[hole_rows(side, holes), hole_rows(side, holes)] = 255
     return Image.fromarray(mask)
+
+
+def holes_of(args):
+    """Whose holes a run cuts: the authors' SD code's under --protocol authors, but for DDNM, whose
+    fork masks the centred square as the paper does (its center_mask_512x512.png: 168 pixels at 172)."""
+    return "authors" if args.protocol == "authors" and args.method != "ddnm" else "paper"
+
+
+class NoiseStream:
+    """The authors' noise for one hole size. Their process.py seeds torch's CPU generator once a run
+    (torch.manual_seed(18); one run per hole size) and draws z_T and then, in sampler.py, one eps_z a
+    step from it, the last step's included, image after image: each image takes `per_image` float32
+    numbers on from where the last one stopped. `at(n)` gives a generator where image n's draws start,
+    found from n alone, so that resuming, torchrun and --batch give each image the same draws: the
+    stream is walked forward to n by drawing each skipped image's numbers in one randn and dropping
+    them (the generator makes the same numbers, one 32-bit output each, whatever the split into
+    draws, as long as each draw's size is a multiple of 16: a latent's 4 x 64 x 64 is). A process
+    asks for its images in increasing order, so it walks the stream once: about 2 ms an image on a
+    CPU, linear in the run's length."""
+
+    def __init__(self, seed, per_image):
+        self.seed, self.per_image = seed, per_image
+        self.generator, self.image = torch.Generator().manual_seed(seed), 0
+
+    def at(self, n):
+        if n < self.image:  # behind: walk again from the start
+            self.generator, self.image = torch.Generator().manual_seed(self.seed), 0
+        for _ in range(n - self.image):
+            torch.randn(self.per_image, generator=self.generator)
+        self.image = n
+        copy = torch.Generator()  # image n draws from its own copy: the stream stays where n starts
+        copy.set_state(self.generator.get_state())
+        return copy
+
+
+def authors_eps(models, batch):
+    """eps_theta as their sampler.py computes it for `batch` images: classifier-free guidance 7.5
+    with both prompts empty, so a batch of twice the images through the UNet at every step, where
+    ldm_min makes one pass (docs/table1.md: what that costs)."""
+    context = models.encode_text("").expand(2 * batch, -1, -1)  # [unconditional, conditional]: "" and ""
+
+    def eps_theta(z, t):
+        z = z.to(models.dtype)
+        eps = models.unet(torch.cat([z, z]), torch.full((), t, device=z.device), context).float()
+        eps_u, eps_c = eps.chunk(2)
+        return eps_u + AUTHORS_GUIDANCE * (eps_c - eps_u)
+
+    return eps_theta
+
+
+@torch.no_grad()
+def authors_inpaint(crops, sides, generators, models, steps):
+    """Their process.py and sampler.py for a batch of squashed crops (uint8 arrays, 512x512x3), each
+    with its hole size and the generator of its draws (`NoiseStream.at`): the arithmetic in their
+    order where it shows in the pixels. Returns uint8 arrays: each masked crop, black in the hole,
+    with the hole's pixels of D(z_0) pasted in; everything outside the hole is the crop's."""
+    masked, Ey, M_l = [], [], []
+    for crop, side in zip(crops, sides):
+        rows = hole_rows(side, "authors")
+        y = crop.copy()
+        y[rows, rows] = 0                                                 # the hole black (process.py)
+        masked.append(y)
+        y = torch.from_numpy(y).permute(2, 0, 1)[None].float() / 255     # torchvision's to_tensor: [0, 1]
+        mean = models.vae.encode((2 * y - 1).to(models.device, models.dtype)).float() / models.vae.scaling_factor
+        Ey.append(AUTHORS_ENCODE_SCALE * mean)                           # E(y), their factor
+        low, high = AUTHORS_LATENT_HOLES[side]
+        known = torch.ones(1, 1, SIDE // 8, SIDE // 8, device=models.device)
+        known[..., low:high, low:high] = 0                               # M_l: inpainting.py create_mask
+        M_l.append(known)
+    rescale = models.vae.scaling_factor / AUTHORS_DECODE_SCALE           # decode() divides by the checkpoint's
+    D = lambda z: torch.cat([models.vae.decode((z_k * rescale).to(models.dtype)).float() for z_k in z.split(1)])
+    x0s = sample(authors_eps(models, len(crops)), torch.cat(Ey), torch.cat(M_l), D, models.schedule, T=steps,
+                 eta=Options().eta, seed=generators)                     # eta 0.85: config.py's and the paper's
+    results = []
+    for y, x0, side in zip(masked, x0s.split(1), sides):
+        x0 = finish(x0, x0, None, models, Options())                     # checked for inf/NaN, as every result
+        pixels = ((x0[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+        rows = hole_rows(side, "authors")
+        y[rows, rows] = pixels[rows, rows]                               # only the hole pasted (process.py)
+        results.append(y)
+    return results
 
 
 class Layout:
@@ -198,8 +328,9 @@ class Layout:
     def crop(self, n):
         return self.out / "crops" / f"{n:04d}_{Path(self.names[n]).stem}.png"
 
-    def mask(self, side):
-        return self.out / "masks" / f"hole{side}.png"
+    def mask(self, side, holes="paper"):
+        """The centred hole's mask, or the authors' (`hole_rows`) beside it."""
+        return self.out / "masks" / (f"hole{side}.png" if holes == "paper" else f"authors_hole{side}.png")
 
     def result(self, n, side, kind="none"):
         folder = self.out / "inpainted" if kind == "none" else self.out / "inpainted" / kind  # none: as before captions
@@ -217,6 +348,8 @@ def settings_of(args, names, device, dtype):
     settings = {"images": len(names), "images_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
                 "masks": args.masks, "seed": args.seed, "device": device.type,
                 "dtype": str(dtype).removeprefix("torch.")}
+    if args.protocol != "paper":  # absent: the paper's, and settings.json is as before the option
+        settings["protocol"] = args.protocol
     for seed in (args.seed, args.seed + len(names) * len(args.masks) - 1):  # the first job's and the last's
         check_seed(seed)
     if args.method == "ddnm":
@@ -252,7 +385,7 @@ def check_settings(out, settings):
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: unreadable ({e}): use another --out") from None
-    flat = lambda d: {**{k: v for k, v in d.items() if k not in (*METHOD_SETTINGS, *ADDITIVE)},
+    flat = lambda d: {"protocol": "paper", **{k: v for k, v in d.items() if k not in (*METHOD_SETTINGS, *ADDITIVE)},
                       **{k: d[k] for k in ("weights",) if k in d}, **d.get("options", {}),
                       **{f"ddnm {k}": v for k, v in d.get("ddnm", {}).items()}}
     for key, value in flat(settings).items():
@@ -404,7 +537,7 @@ def main(argv=None):
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: a file, not a folder")
-    all_names = find_images(args.data, args.list, out)
+    all_names = find_images(args.data, args.list, out, keep_order=args.protocol == "authors")
     names = all_names[:args.limit] if args.limit else all_names
     world = jobs.start(device.type)
     try:
@@ -430,13 +563,16 @@ def run_jobs(args, world, device, dtype, out, all_names, names):
     jobs.barrier(world)
 
     # The crops, and the masks (rank 0), each written once.
+    holes = holes_of(args)
     if world.rank == 0:
         for side in args.masks:
-            if not jobs.done(layout.mask(side)):
-                jobs.save_atomically(hole_mask(side), layout.mask(side))
+            if not jobs.done(layout.mask(side, holes)):
+                jobs.save_atomically(hole_mask(side, holes), layout.mask(side, holes))
+    authors = args.protocol == "authors"
     todo = jobs.pending(range(len(names)), layout.crop, world)
     for n in jobs.mine(todo, world, "crops", args.quiet):
-        jobs.save_atomically(centre_crop(images.open_image(Path(args.data) / names[n])), layout.crop(n))
+        photo = images.open_image(Path(args.data) / names[n], upright=not authors)  # theirs: as stored
+        jobs.save_atomically((squash if authors else centre_crop)(photo), layout.crop(n))
 
     captions = make_captions(args, world, layout, names)
 
@@ -450,24 +586,34 @@ def run_jobs(args, world, device, dtype, out, all_names, names):
             models = load_adm(args.adm_weights, args.device, args.dtype)
         else:
             models = load_models(args.weights, args.device, args.dtype, tokenizer=args.tokenizer)
+        if authors and args.method == "paper":  # their noise, a stream per hole size: z_T and T eps_z an image
+            latent = models.unet.conv_in.in_channels * (SIDE // 8) ** 2
+            streams = {side: NoiseStream(args.seed, (1 + args.steps) * latent) for side in args.masks}
         for batch in jobs.mine(jobs.batches(todo, args.batch), world, "inpainting", args.quiet, size=len):
             start = time.perf_counter()
-            pictures = []
-            for n, j, side, kind in batch:
-                seed = args.seed + n * len(args.masks) + j
-                if kind == "ddnm":
-                    options = DdnmOptions(steps=args.steps, seed=seed)
-                elif kind == "blend":
-                    options = Options(method="blend", steps=args.steps, seed=seed)
-                else:
-                    prompt = "" if kind == "none" else captions[kind, side][layout.crop(n).name]
-                    options = Options(prompt=prompt, steps=args.steps, seed=seed)
-                with Image.open(layout.crop(n)) as crop, Image.open(layout.mask(side)) as mask:
-                    pictures.append((*images.prepare(crop, mask), options))
-            results = (ddnm.inpaint_pictures if args.method == "ddnm" else inpaint_batch)(pictures, models)
+            if authors and args.method == "paper":
+                crops = [np.array(Image.open(layout.crop(n)).convert("RGB")) for n, j, side, kind in batch]
+                results = [Image.fromarray(result) for result in authors_inpaint(
+                    crops, [side for n, j, side, kind in batch], [streams[side].at(n) for n, j, side, kind in batch],
+                    models, args.steps)]
+            else:
+                pictures = []
+                for n, j, side, kind in batch:
+                    seed = args.seed + n * len(args.masks) + j
+                    if kind == "ddnm":
+                        options = DdnmOptions(steps=args.steps, seed=seed)
+                    elif kind == "blend":
+                        options = Options(method="blend", steps=args.steps, seed=seed)
+                    else:
+                        prompt = "" if kind == "none" else captions[kind, side][layout.crop(n).name]
+                        options = Options(prompt=prompt, steps=args.steps, seed=seed)
+                    with Image.open(layout.crop(n)) as crop, Image.open(layout.mask(side, holes)) as mask:
+                        pictures.append((*images.prepare(crop, mask), options))
+                results = [r if isinstance(r, Exception) else images.to_pil(r) for r in
+                           (ddnm.inpaint_pictures if args.method == "ddnm" else inpaint_batch)(pictures, models)]
             for (n, j, side, kind), result in zip(batch, results):
                 if not isinstance(result, Exception):
-                    jobs.save_atomically(images.to_pil(result), layout.result(n, side, kind))
+                    jobs.save_atomically(result, layout.result(n, side, kind))
             seconds += [(side, kind, (time.perf_counter() - start) / len(batch)) for n, j, side, kind in batch]
             failure = next((r for r in results if isinstance(r, Exception)), None)
             if failure:  # it stops the run, as a single job's does, with the batch's other results kept

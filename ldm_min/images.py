@@ -15,12 +15,13 @@ from .errors import InputError
 MIN_SIDE = 8  # one latent pixel
 
 
-def open_image(path, what="image"):
-    """Open and fully decode an image file, upright (EXIF orientation applied)."""
+def open_image(path, what="image", upright=True):
+    """Open and fully decode an image file, upright (EXIF orientation applied) unless `upright` is
+    False: then as stored, as Pillow's Image.open gives it (benchmarks/table1.py --protocol authors)."""
     try:
         with Image.open(path) as im:
             im.load()
-            return ImageOps.exif_transpose(im)
+            return ImageOps.exif_transpose(im) if upright else im.copy()  # a copy outlives the file
     except FileNotFoundError:
         raise InputError(f"{what} not found: {path}") from None
     except IsADirectoryError:
