@@ -62,7 +62,7 @@ from ldm_min import InputError, Options, WeightsError, images  # noqa: E402
 from ldm_min import ddnm  # noqa: E402
 from ldm_min.caption import caption_tensors  # noqa: E402
 from ldm_min.options import LATENT_METHODS, DdnmOptions, check_seed  # noqa: E402
-from ldm_min.pipeline import finish, inpaint_batch  # noqa: E402
+from ldm_min.pipeline import check_finite, inpaint_batch  # noqa: E402
 from ldm_min.sample import sample  # noqa: E402
 from weights import DEFAULT_CAPTIONER, DEFAULT_REPO, load_adm, load_models, pick_device  # noqa: E402
 
@@ -311,7 +311,7 @@ def authors_inpaint(crops, sides, generators, models, steps):
                  eta=Options().eta, seed=generators)                     # eta 0.85: config.py's and the paper's
     results = []
     for y, x0, side in zip(masked, x0s.split(1), sides):
-        x0 = finish(x0, x0, None, models, Options())                     # checked for inf/NaN, as every result
+        check_finite(x0, models)                                         # as every result is
         pixels = ((x0[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
         rows = hole_rows(side, "authors")
         y[rows, rows] = pixels[rows, rows]                               # only the hole pasted (process.py)

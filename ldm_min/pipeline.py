@@ -115,14 +115,19 @@ def prepare(x, hole, models, options):
     return box, x, hole, options, Ey, M_l
 
 
-def finish(x0, x, hole, models, options):
-    """The result of one image from its x_0 = D(z_0): checked, the padding cropped off, pasted back."""
+def check_finite(x0, models):
+    """Raise NonFiniteError, with what to do about it, if x_0 = D(z_0) holds an inf or a NaN."""
     if not torch.isfinite(x0).all():
         dtype = str(models.dtype).removeprefix("torch.")
         advice = {"float16": "float16 overflowed: run again with --dtype bfloat16 or float32",
                   "bfloat16": "run again with --dtype float32"}.get(
             dtype, "the model itself gave non-finite values: corrupt weights, or an extreme guidance?")
         raise NonFiniteError(f"sampling produced inf/NaN in {dtype}: {advice}")
+
+
+def finish(x0, x, hole, models, options):
+    """The result of one image from its x_0 = D(z_0): checked, the padding cropped off, pasted back."""
+    check_finite(x0, models)
     x0 = x0[..., :x.shape[-2], :x.shape[-1]]                          # crop the padding back off
     if options.paste_back:
         x0 = images.paste_back(x0, x, hole, options.feather)

@@ -3,6 +3,7 @@ pictures of the expected sizes, with DDNM's ADM file and without it (its cells t
 walks Algorithm 1 by hand, each line checked against sample()'s own value; its prose cites
 equations (1)-(6), lines 1-8 of Algorithm 1 and the paper's three typos; it is committed with the
 outputs of a run, in order. No Jupyter needed: the .ipynb is plain JSON."""
+import inspect
 import json
 import re
 from pathlib import Path
@@ -200,3 +201,6 @@ def test_committed_outputs_that_need_no_trained_weights_are_what_the_code_prints
         assert printed[-len(stored):] == stored, f"code cell {n}"
     checks = [line for c in code for line in stored_text(c).splitlines() if ": equals sample()'s" in line]
     assert len(checks) == 7
+    from ldm_min import ddnm, sample
+    for function in (sample, ddnm.ddnm):  # the listings of Algorithm 1 and of DDNM, as their files are now
+        assert any(inspect.getsource(function) in stored_text(c) for c in code), function.__name__
