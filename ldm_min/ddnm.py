@@ -30,12 +30,12 @@ class AdmSchedule:
         stride = (n - 1) / (T - 1) if T > 1 else 1
         self.timesteps = [round(s) for s in itertools.accumulate([stride] * (T - 1), initial=0.0)]
         abar = torch.cumprod(1 - betas, 0)[self.timesteps]               # abar_t of the kept steps, eq. 1
-        abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])             # before step 0: abar = 1
-        beta = 1 - abar / abar_prev                                      # the respaced chain's betas
+        abar_t_minus_1 = torch.cat([abar.new_ones(1), abar[:-1]])        # of the kept step below; below step 0: 1
+        beta = 1 - abar / abar_t_minus_1                                 # the respaced chain's betas
         self.abar, self.beta = abar.float(), beta.float()
-        self.coef_x0 = (beta * abar_prev.sqrt() / (1 - abar)).float()    # posterior mean's weight of x_0
-        self.coef_xt = ((1 - abar_prev) * (1 - beta).sqrt() / (1 - abar)).float()  # ... and of x_t
-        self.sigma = (beta * (1 - abar_prev) / (1 - abar)).float().sqrt()  # posterior std; 0 at step 0
+        self.coef_x0 = (beta * abar_t_minus_1.sqrt() / (1 - abar)).float()            # posterior mean's weight of x_0
+        self.coef_xt = ((1 - abar_t_minus_1) * (1 - beta).sqrt() / (1 - abar)).float()  # ... and of x_t
+        self.sigma = (beta * (1 - abar_t_minus_1) / (1 - abar)).float().sqrt()        # posterior std; 0 at step 0
 
 
 def travel(T, length, repeat):
@@ -69,27 +69,27 @@ def ddnm(eps_theta, y, m, schedule, walk, noise, callback=None):
     A = A† = diag(m). Eq. 4 is DDNM's A†y + (I - A†A) x_{0|t}; the paper prints A†Ay, a typo that
     changes nothing here: with a 0/1 mask, A†Ay = m * m * y = A†y.
     schedule: `AdmSchedule`; walk: `travel()`'s. noise: (len(walk), B, 3, 256, 256): x_T, then one
-    draw per move of the walk. callback(k, t, x, x0, x0_hat), if given, sees every UNet call.
+    draw per move of the walk. callback(k, t, x_t_minus_1, x_0t, xhat_0t), if given, sees every UNet call.
     Where `sample()` takes a DDIM step (eq. 2 with eta, the paper's §2.2 reading of DDNM), hq demo,
     whose code made Table 1's DDNM numbers, takes the DDPM posterior step from xhat_{0|t} and x_t
     with the fixed posterior variance (the learned one is discarded for sigma_y = 0): followed here.
     """
-    x = noise[0]                                                                  # x_T ~ N(0, I)
+    x_t = noise[0]                                                                # x_T ~ N(0, I)
     k = 0
     for n, (i, i_next) in enumerate(zip(walk, walk[1:])):                         # hq demo's loop over the walk
         if i_next > i:                                                            # time travel: x_{t+1} ~ q(. | x_t)
             beta = schedule.beta[i_next]
-            x = (1 - beta).sqrt() * x + beta.sqrt() * noise[n + 1]
+            x_t = (1 - beta).sqrt() * x_t + beta.sqrt() * noise[n + 1]
             continue
         t, abar_t = schedule.timesteps[i], schedule.abar[i]
-        eps = eps_theta(x, t)                                                     # eps_theta(x_t, t)
-        x0 = ((x - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()).clamp(-1, 1)       # eq. 3, clipped (clip_denoised)
-        x0_hat = m * y + (1 - m) * x0                                             # eq. 4: A†y + (I - A†A) x_{0|t}
-        x = schedule.coef_x0[i] * x0_hat + schedule.coef_xt[i] * x + schedule.sigma[i] * noise[n + 1]  # DDPM step
+        eps = eps_theta(x_t, t)                                                   # eps_theta(x_t, t)
+        x_0t = ((x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()).clamp(-1, 1)   # eq. 3, clipped (clip_denoised)
+        xhat_0t = m * y + (1 - m) * x_0t                                          # eq. 4: A†y + (I - A†A) x_{0|t}
+        x_t = schedule.coef_x0[i] * xhat_0t + schedule.coef_xt[i] * x_t + schedule.sigma[i] * noise[n + 1]  # DDPM step
         if callback:
-            callback(k, t, x, x0, x0_hat)
+            callback(k, t, x_t, x_0t, xhat_0t)
         k += 1
-    return x0_hat                                                                 # hq demo's result: xhat_{0|0}
+    return xhat_0t                                                                # hq demo's result: xhat_{0|0}
 
 
 def windows(height, width):

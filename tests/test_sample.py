@@ -196,3 +196,18 @@ def test_a_compiled_unet_is_compiled_once_for_all_timesteps(device):
     Ey = torch.zeros(1, 4, 4, 4, device=models.device)
     run(eps_model(models, "", 7.5), Ey, torch.ones_like(Ey), steps=3, eta=0.85)
     assert len(graphs) == 1
+
+
+def test_sample_py_holds_algorithm_1_alone_and_the_pipeline_its_own_file():
+    """A learner opening the file of Algorithm 1 finds sample() and nothing else; inpaint() and the
+    rest of the pipeline live in pipeline.py, and the package's public names still import."""
+    import ast
+
+    import ldm_min
+    from ldm_min import pipeline
+
+    tree = ast.parse((Path(ldm_min.__file__).parent / "sample.py").read_text(encoding="utf-8"))
+    assert [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))] == ["sample"]
+    assert ldm_min.sample.__module__ == "ldm_min.sample" and ldm_min.inpaint is pipeline.inpaint
+    assert all(callable(getattr(pipeline, name)) for name in
+               ("inpaint", "inpaint_tensors", "inpaint_batch", "prepare", "finish", "eps_model"))

@@ -16,7 +16,7 @@ from PIL import Image
 from test_table1 import files, one_line_error, one_thread  # noqa: F401 (a fixture)
 from test_table1_ddnm import ROOT, TINY, harness, table1
 
-STEPS = 2
+STEPS = 1  # one UNet call (a batch of 2) an image: the tiny UNet at 512 px is slow on one thread
 ARGS = ["--protocol", "authors", "--weights", str(TINY), "--steps", str(STEPS), "--masks", "136", "--device", "cpu",
         "--quiet", "--no-fid"]
 ORDER = ["b.jpg", "a.png"]  # the list's order, not sorted: b is image 0, the first in the noise stream
@@ -217,3 +217,19 @@ def test_an_out_of_the_other_protocol_is_refused(capsys, data, reference, tmp_pa
     paper = [a for a in ARGS if a not in ("--protocol", "authors")]
     status, _, err = harness(capsys, data, out, "--list", data / "list.txt", *paper)
     assert one_line_error(status, err) and "protocol 'authors'" in err, err
+
+
+def test_ddnm_under_their_protocol_paints_the_squashed_photo_in_the_forks_centred_hole(data, tmp_path, tiny_adm):
+    """Their DDNM fork reads the 512x512 image as given (the squashed crop here) and masks the centred
+    168 square at 172 (center_mask_512x512.png): its known pixels are the squashed photo's exactly."""
+    out = tmp_path / "out"
+    table1.run(["--data", str(data), "--list", str(data / "list.txt"), "--out", str(out), "--protocol", "authors",
+                "--method", "ddnm", "--adm-weights", str(tiny_adm), "--steps", "1", "--masks", "168", "--limit", "1",
+                "--device", "cpu", "--quiet", "--no-fid"])
+    centred = np.zeros((512, 512), bool)
+    centred[172:340, 172:340] = True
+    assert np.array_equal(np.asarray(Image.open(out / "masks" / "hole168.png")) > 0, centred)
+    photo = squashed(data / ORDER[0])
+    assert np.array_equal(np.asarray(Image.open(out / "crops" / "0000_b.png")), photo)
+    result = np.asarray(Image.open(out / "inpainted" / "ddnm" / "hole168" / "0000_b.png"))
+    assert np.array_equal(result[~centred], photo[~centred]) and not np.array_equal(result[centred], photo[centred])
