@@ -21,7 +21,8 @@ def sample(eps_theta, Ey, M_l, D, schedule, *, T, eta, seed, callback=None):
     (`schedule.Schedule`). T, eta: the paper's 30 and 0.85. Returns x_0 = D(z_0).
     callback(i, t, z_t_minus_1, z_0t, zhat_0t), if given, sees step i (0 .. T-1) after line 5.
     B images of one size go through at once as a batch: Ey (B, 4, h, w), M_l (B, 1, h, w), and
-    `seed` a list of B seeds, one per image (an int is the seed of a single image).
+    `seed` a list of B seeds, one per image (an int is the seed of a single image; a CPU
+    torch.Generator is drawn from where it stands, `noise.draws`).
     """
     # z_T and every step's eps_z are drawn up front, from each image's own seeded CPU generator, so
     # that a seed gives the same picture on any device and in any batch (docs/conventions.md).
