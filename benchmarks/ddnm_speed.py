@@ -52,8 +52,8 @@ from versus import best_of  # noqa: E402
 from weights import adm_config, load_adm, load_models, pick_device, read_configs  # noqa: E402
 
 ADM_KEYS = ROOT / "tests" / "adm256_uncond_keys.tsv"  # every tensor of 256x256_diffusion_uncond.pt, with its shape
-PAPER_SECONDS = {"paper": 3.0, "ddnm": 100.0}
-AUTHORS = "paper, the authors' batch of 2"  # the paper's method as their code ran it: 2 images a UNet call  # the paper, RTX 4080: about 3 s and 1 min 40 s an image
+PAPER_SECONDS = {"paper": 3.0, "ddnm": 100.0}  # the paper, RTX 4080: about 3 s and 1 min 40 s an image
+AUTHORS = "paper, the authors' batch of 2"  # the paper's method as their code ran it: 2 images a UNet call
 REDUCED_STEPS = {"paper": 2, "ddnm": 1}
 SIDES = ("plain", "as loaded")  # both models as built, and both with the CPU speed-ups
 
