@@ -62,7 +62,7 @@ from ldm_min import InputError, Options, WeightsError, images  # noqa: E402
 from ldm_min import ddnm  # noqa: E402
 from ldm_min.caption import caption_tensors  # noqa: E402
 from ldm_min.options import LATENT_METHODS, DdnmOptions, check_seed  # noqa: E402
-from ldm_min.pipeline import check_finite, inpaint_batch  # noqa: E402
+from ldm_min.pipeline import check_finite, inpaint_batch, unet_eps  # noqa: E402
 from ldm_min.sample import sample  # noqa: E402
 from weights import DEFAULT_CAPTIONER, DEFAULT_REPO, load_adm, load_models, pick_device  # noqa: E402
 
@@ -276,14 +276,7 @@ def authors_eps(models, batch):
     with both prompts empty, so a batch of twice the images through the UNet at every step, where
     ldm_min makes one pass (docs/table1.md: what that costs)."""
     context = models.encode_text("").expand(2 * batch, -1, -1)  # [unconditional, conditional]: "" and ""
-
-    def eps_theta(z, t):
-        z = z.to(models.dtype)
-        eps = models.unet(torch.cat([z, z]), torch.full((), t, device=z.device), context).float()
-        eps_u, eps_c = eps.chunk(2)
-        return eps_u + AUTHORS_GUIDANCE * (eps_c - eps_u)
-
-    return eps_theta
+    return unet_eps(models, context, AUTHORS_GUIDANCE)
 
 
 @torch.no_grad()

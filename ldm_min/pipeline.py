@@ -25,6 +25,14 @@ def eps_model(models, prompt, guidance):
     context = torch.cat([embeddings[p] for p in prompts])  # one row per image
     if guided:
         context = torch.cat([models.encode_text("").expand_as(context), context])  # [unconditional, conditional]
+    return unet_eps(models, context, guidance if guided else None)
+
+
+def unet_eps(models, context, guidance=None):
+    """eps_theta(z_t, t): the UNet on `context`, one row per image, float32 in and out. With a
+    `guidance` g, context holds [unconditional, conditional] rows for twice the batch, and eps is
+    eps_u + g (eps_c - eps_u) from one UNet pass on both."""
+    guided = guidance is not None
 
     def eps_theta(z, t):
         # t goes in as a tensor on the UNet's device: a compiled UNet takes that as an input,
