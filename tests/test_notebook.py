@@ -180,6 +180,7 @@ def test_is_committed_with_every_code_cells_outputs_in_execution_order():
     for n, c in enumerate(code):
         assert c["outputs"], f"code cell {n} has no output"
         assert all(o["output_type"] in ("stream", "display_data") for o in c["outputs"]), f"code cell {n} failed"
+        assert all(o.get("name") != "stderr" for o in c["outputs"]), f"code cell {n} stored a warning of its machine"
     shown = sum("image/jpeg" in o.get("data", {}) for c in code for o in c["outputs"])
     assert shown == 9  # every figure of a run without the ADM's file (the stored one), once
 
